@@ -1,0 +1,139 @@
+"""Weights registry: bundled trained models and fmrt's on-disk model format.
+
+A model directory holds
+  * ``config.json``: ``{"family": ..., "config": <architecture>, "preprocess": <PreprocessConfig>,
+    "provenance": {"command": ..., "seed": ..., ...}}``
+  * ``model.safetensors``: the state dict (bundled weights are stored in float16 to keep the
+    package small; they are cast to float32 on load)
+  * ``tokenizer.json`` + ``tokenizer_config.json`` (families with a text side)
+
+Bundled models live in ``fmrt/weights/<name>/``; ``list_pretrained()`` lists those present.
+``load_pretrained(name_or_dir)`` returns a ``Pretrained`` bundle (model, tokenizer, preprocess).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from fmrt.preprocess import PreprocessConfig
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# family -> callable(config_dict) -> nn.Module (registered by each family's model module)
+_BUILDERS: Dict[str, Callable[[Dict[str, Any]], nn.Module]] = {}
+
+
+class PretrainedError(ValueError):
+    """Unknown bundled name, or a model directory that is incomplete or inconsistent."""
+
+
+def register_family_builder(family: str):
+    def deco(fn):
+        _BUILDERS[family] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class Pretrained:
+    name: str
+    family: str
+    model: nn.Module
+    preprocess: PreprocessConfig
+    tokenizer: Any = None
+    config: Dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+def list_pretrained() -> List[str]:
+    if not os.path.isdir(WEIGHTS_DIR):
+        return []
+    return sorted(d for d in os.listdir(WEIGHTS_DIR)
+                  if os.path.isfile(os.path.join(WEIGHTS_DIR, d, CONFIG_FILE)))
+
+
+def is_pretrained(name: str) -> bool:
+    return name in list_pretrained()
+
+
+def resolve(name_or_dir: str) -> str:
+    """Directory of a bundled name or a user path; raises ``PretrainedError`` otherwise."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if is_pretrained(name_or_dir):
+        return os.path.join(WEIGHTS_DIR, name_or_dir)
+    raise PretrainedError(f"unknown model {name_or_dir!r}: not a bundled model "
+                          f"{list_pretrained()} nor a model directory")
+
+
+def read_config(name_or_dir: str) -> Dict[str, Any]:
+    path = resolve(name_or_dir)
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        return json.load(f)
+
+
+def build_from_config(family: str, config: Dict[str, Any]) -> nn.Module:
+    import fmrt.models  # noqa: F401  (registers every family's builder)
+
+    if family not in _BUILDERS:
+        raise PretrainedError(f"no builder for model family {family!r}; known {sorted(_BUILDERS)}")
+    return _BUILDERS[family](config)
+
+
+def load_pretrained(name_or_dir: str, *, dtype: torch.dtype = torch.float32) -> Pretrained:
+    from safetensors.torch import load_file
+
+    path = resolve(name_or_dir)
+    cfg = read_config(path)
+    family = cfg.get("family")
+    model = build_from_config(family, cfg["config"])
+    wpath = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(wpath):
+        raise PretrainedError(f"{path}: missing {WEIGHTS_FILE}")
+    sd = load_file(wpath)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise PretrainedError(f"{path}: weights do not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    model = model.to(dtype).eval()
+    tokenizer = None
+    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        from fmrt.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+    name = os.path.basename(os.path.normpath(path))
+    return Pretrained(name=name, family=family, model=model, tokenizer=tokenizer,
+                      preprocess=PreprocessConfig.from_dict(cfg.get("preprocess", {})), config=cfg,
+                      path=path)
+
+
+def load_pretrained_model(name_or_dir: str) -> nn.Module:
+    return load_pretrained(name_or_dir).model
+
+
+def save_pretrained(directory: str, *, family: str, model: nn.Module, config: Dict[str, Any],
+                    preprocess: PreprocessConfig, tokenizer: Any = None,
+                    provenance: Optional[Dict[str, Any]] = None, half: bool = False) -> str:
+    """Write a model directory. ``half=True`` stores floating tensors as float16 (bundles)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    sd = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous()
+          for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(directory, WEIGHTS_FILE))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump({"family": family, "config": config, "preprocess": preprocess.to_dict(),
+                   "provenance": provenance or {}}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory

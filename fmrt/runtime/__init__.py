@@ -1,0 +1,29 @@
+"""One facade per family over every backend (torch, onnxruntime, tensorrt).
+
+``load(name_or_path, backend)`` reads the model directory's family and returns that family's
+facade (for CLIP: ``ClipRuntime``) driving the chosen backend's engine.
+"""
+from __future__ import annotations
+
+from fmrt.runtime.base import BACKENDS, BackendUnavailableError, RuntimeLoadError
+from fmrt.runtime.clip import ClipRuntime
+from fmrt.runtime.index import RetrievalIndex
+
+
+def load(name_or_path: str, backend: str = "torch", **kwargs):
+    """Load a bundled model name or model directory behind its family's facade."""
+    from fmrt import pretrained
+
+    if backend not in BACKENDS:
+        raise RuntimeLoadError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    try:
+        family = pretrained.read_config(name_or_path).get("family")
+    except pretrained.PretrainedError as e:
+        raise RuntimeLoadError(str(e)) from None
+    if family == "clip":
+        return ClipRuntime.load(name_or_path, backend=backend, **kwargs)
+    raise RuntimeLoadError(f"no runtime facade for family {family!r} yet")
+
+
+__all__ = ["load", "ClipRuntime", "RetrievalIndex", "BACKENDS", "BackendUnavailableError",
+           "RuntimeLoadError"]
