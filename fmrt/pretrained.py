@@ -123,8 +123,10 @@ def load_pretrained_model(name_or_dir: str) -> nn.Module:
 
 def save_pretrained(directory: str, *, family: str, model: nn.Module, config: Dict[str, Any],
                     preprocess: PreprocessConfig, tokenizer: Any = None,
-                    provenance: Optional[Dict[str, Any]] = None, half: bool = False) -> str:
-    """Write a model directory. ``half=True`` stores floating tensors as float16 (bundles)."""
+                    provenance: Optional[Dict[str, Any]] = None, half: bool = False,
+                    extra: Optional[Dict[str, Any]] = None) -> str:
+    """Write a model directory. ``half=True`` stores floating tensors as float16 (bundles);
+    ``extra`` adds family-specific keys to config.json (e.g. ``zero_shot_templates``)."""
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
@@ -133,7 +135,7 @@ def save_pretrained(directory: str, *, family: str, model: nn.Module, config: Di
     save_file(sd, os.path.join(directory, WEIGHTS_FILE))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump({"family": family, "config": config, "preprocess": preprocess.to_dict(),
-                   "provenance": provenance or {}}, f, indent=2)
+                   "provenance": provenance or {}, **(extra or {})}, f, indent=2)
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory

@@ -55,13 +55,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         q: ``B x H x Lq x Dh``; k, v: ``B x H x Lk x Dh`` (same dtype).
         attn_mask: additive float mask broadcastable to ``B x H x Lq x Lk`` (``-inf`` blocks) or a
             boolean mask where ``True`` means *attend*.
-        is_causal: apply a causal (lower-triangular) mask; exclusive with ``attn_mask``.
+        is_causal: apply a causal mask, aligned bottom-right when ``Lq != Lk`` (query ``i``
+            sees keys ``<= i + Lk - Lq``); combined with ``attn_mask`` when both are given.
         backend: ``"sdpa"`` or ``"math"``; None uses the global default.
     Returns:
         ``B x H x Lq x Dh`` in the dtype of ``q``.
     """
     backend = backend or _default_backend
     if backend == "sdpa":
+        lq, lk = q.shape[-2], k.shape[-2]
+        if is_causal and (lq != lk or attn_mask is not None):
+            # SDPA's is_causal aligns the triangle top-left (wrong for Lq < Lk, e.g. queries for
+            # the last positions against cached keys) and refuses an attn_mask next to it: pass
+            # the bottom-right causal mask of the "math" backend explicitly instead.
+            causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+            if attn_mask is None or attn_mask.dtype == torch.bool:
+                attn_mask = causal if attn_mask is None else attn_mask & causal
+            else:
+                block = torch.zeros(lq, lk, dtype=attn_mask.dtype, device=q.device)
+                attn_mask = attn_mask + block.masked_fill(~causal, float("-inf"))
+            is_causal = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     if backend != "math":
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")

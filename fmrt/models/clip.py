@@ -119,18 +119,27 @@ def build_clip(config: CLIPConfig) -> CLIP:
 
 
 def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                          logit_scale: torch.Tensor, *, hard_negative_features: torch.Tensor | None = None
-                          ) -> torch.Tensor:
+                          logit_scale: torch.Tensor, *,
+                          hard_negative_features: torch.Tensor | None = None,
+                          groups: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (open_clip ``ClipLoss`` at world size 1): mean of image->text and
     text->image cross-entropies over ``B x B`` logits with matches on the diagonal.
 
     ``hard_negative_features`` (``M x E``, NegCLIP) are appended as extra columns of the
     image->text logits only; the text->image direction is unchanged, as in NegCLIP.
+    ``groups`` (``B`` int64): rows with the same id carry the same caption; their targets are
+    spread uniformly over the group instead of punishing a duplicate as a negative (in a
+    synthetic world of ~50 single-object captions, batches of 128 hold many duplicates).
     """
     b = image_features.shape[0]
-    labels = torch.arange(b, device=image_features.device)
     texts = text_features if hard_negative_features is None else torch.cat(
         [text_features, hard_negative_features], dim=0)
     logits_i2t = logit_scale * image_features @ texts.t()
     logits_t2i = logits_i2t[:, :b].t()
-    return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+    if groups is None:
+        labels = torch.arange(b, device=image_features.device)
+        return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+    same = (groups[:, None] == groups[None, :]).to(logits_i2t.dtype)
+    target = same / same.sum(dim=1, keepdim=True)
+    target_i2t = F.pad(target, (0, logits_i2t.shape[1] - b))
+    return 0.5 * (F.cross_entropy(logits_i2t, target_i2t) + F.cross_entropy(logits_t2i, target))

@@ -39,7 +39,10 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        sd: Any = load_file(path)
+        try:
+            sd: Any = load_file(path)
+        except Exception as e:  # SafetensorError (bad header, truncated file) is no ValueError
+            raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -246,4 +249,5 @@ def load_clip_checkpoint(path: str, name: Optional[str] = None, *, act: Optional
         model = get_model_entry(name).factory(**({"act": act} if act else {}))
     else:
         model = build_clip(config_from_openai_state_dict(sd, act=act or "quick_gelu"))
-    return _load_into(model, convert_openai_state_dict(sd), path)
+    return _load_into(model, convert_openai_state_dict(sd), path if name is None
+                      else f"{path} loaded as {name!r}")

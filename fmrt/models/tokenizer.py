@@ -33,6 +33,7 @@ class TokenizerError(ValueError):
 
 class _Base:
     kind: str = ""
+    _pad_is_special: bool = True  # pad id is a dedicated token that decode drops everywhere
 
     def __init__(self, tk, *, context_length: int, sot_token: str, eot_token: str,
                  pad_token_id: int) -> None:
@@ -59,7 +60,10 @@ class _Base:
     def encode(self, text: str, context_length: Optional[int] = None) -> List[int]:
         """Token ids ``[sot, ..., eot]``, at most ``context_length`` long (eot kept last)."""
         n = context_length or self.context_length
-        ids = self._tk.encode(self._check(text)[0], add_special_tokens=False).ids
+        if not isinstance(text, str):  # a list would silently encode only its first string
+            raise TokenizerError(f"encode takes one string, got {type(text).__name__}; "
+                                 "use encode_batch or __call__ for several")
+        ids = self._tk.encode(text, add_special_tokens=False).ids
         ids = [self.sot_token_id] + ids[: n - 2] + [self.eot_token_id]
         return ids
 
@@ -81,9 +85,14 @@ class _Base:
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
-        specials = {self.sot_token_id, self.eot_token_id, self.pad_token_id}
         if self.eot_token_id in ids:
             ids = ids[: ids.index(self.eot_token_id)]
+        else:  # a row without eot: drop its right padding
+            while ids and ids[-1] == self.pad_token_id:
+                ids.pop()
+        specials = {self.sot_token_id, self.eot_token_id}
+        if self._pad_is_special:  # CLIP pads with id 0, which is also the real token "!"
+            specials.add(self.pad_token_id)
         return self._decode([i for i in ids if i not in specials])
 
     def _decode(self, ids: List[int]) -> str:
@@ -137,24 +146,31 @@ class WordTokenizer(_Base):
 
     def unknown_words(self, text: str) -> List[str]:
         """Words of ``text`` outside the vocabulary (they would map to ``<unk>``)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"expected a string, got {type(text).__name__}")
         enc = self._tk.encode(text, add_special_tokens=False)
-        return [t for t, i in zip(enc.tokens, enc.ids) if i == self.unk_token_id]
+        # enc.tokens holds "<unk>" for these; the offsets give back the words themselves
+        return [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == self.unk_token_id]
 
     def _decode(self, ids: List[int]) -> str:
         # Rejoin words with spaces, glue punctuation/digits the way ShapesWorld writes them.
         toks = [self._tk.id_to_token(i) for i in ids]
         out = ""
+        in_quotes = False  # a closing quote is followed by a space (x="12" y="40")
         for t in toks:
             if not out:
                 out = t
             elif t.isdigit() and out[-1].isdigit():
                 out += t
-            elif t in {".", ",", "?", "!", ">", '"'} or out[-1] in {"<", '"', "="}:
-                out += t
-            elif t == "=":
+            elif t == '"':  # an opening quote follows "=" (x="12"); a closing one is glued
+                out += t if in_quotes or out[-1] == "=" else " " + t
+            elif t in {".", ",", "?", "!", ">", "="} or out[-1] in {"<", "="} or (
+                    out[-1] == '"' and in_quotes):
                 out += t
             else:
                 out += " " + t
+            if t == '"':
+                in_quotes = not in_quotes
         return out
 
 
@@ -165,6 +181,7 @@ class CLIPBPETokenizer(_Base):
     pad id never matters)."""
 
     kind = "clip_bpe"
+    _pad_is_special = False  # pad id 0 is "!"; padding only ever follows eot
     # CLIP's pattern (simple_tokenizer.py) minus the special tokens, which tokenizers handles.
     SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 

@@ -20,7 +20,7 @@ def load(name_or_path: str, backend: str = "torch", **kwargs):
         family = pretrained.read_config(name_or_path).get("family")
     except pretrained.PretrainedError as e:
         raise RuntimeLoadError(str(e)) from None
-    if family == "clip":
+    if family in ("clip", "coca"):
         return ClipRuntime.load(name_or_path, backend=backend, **kwargs)
     raise RuntimeLoadError(f"no runtime facade for family {family!r} yet")
 

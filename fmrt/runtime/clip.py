@@ -20,6 +20,7 @@ import torch
 
 from export.specs import GraphSpec, clip_graphs
 from fmrt import pretrained
+from fmrt.data.vocab import apply_template
 from fmrt.preprocess import PreprocessConfig, preprocess_images
 from fmrt.runtime.base import BackendUnavailableError, Engine, RuntimeLoadError
 from fmrt.runtime.index import RetrievalIndex
@@ -61,7 +62,10 @@ def _torch_engines(model_dir: str, graphs: Dict[str, GraphSpec], *, device: str 
         x = torch.from_numpy(inputs[txt.input_names[0]]).to(device)
         return {txt.output_names[0]: model.encode_text(x, normalize=True).float().cpu().numpy()}
 
-    return {"image_encoder": run_image, "text_encoder": run_text}
+    engines = {"image_encoder": run_image, "text_encoder": run_text}
+    if hasattr(model, "generate"):  # CoCa: greedy captioning runs in torch on every backend
+        engines["captioner"] = model
+    return engines
 
 
 def _engine_loader(backend: str) -> Callable[..., Dict[str, Engine]]:
@@ -84,8 +88,8 @@ class ClipRuntime:
     def __init__(self, *, name: str, engines: Dict[str, Engine], graphs: Dict[str, GraphSpec],
                  tokenizer, preprocess: PreprocessConfig, logit_scale: float,
                  templates: Sequence[str] = DEFAULT_TEMPLATES, backend: str = "torch",
-                 max_batch: int = 64) -> None:
-        self.name, self.backend = name, backend
+                 max_batch: int = 64, family: str = "clip") -> None:
+        self.name, self.backend, self.family = name, backend, family
         self.engines, self.graphs = engines, graphs
         self.tokenizer, self.preprocess = tokenizer, preprocess
         self.logit_scale = float(logit_scale)
@@ -98,13 +102,17 @@ class ClipRuntime:
     def load(cls, name_or_path: str, backend: str = "torch", **kwargs) -> "ClipRuntime":
         model_dir = pretrained.resolve(name_or_path)
         cfg = pretrained.read_config(model_dir)
-        if cfg.get("family") != "clip":
-            raise RuntimeLoadError(f"{name_or_path} is a {cfg.get('family')!r} model, not clip")
+        family = cfg.get("family")
+        if family not in ("clip", "coca"):
+            raise RuntimeLoadError(f"{name_or_path} is a {family!r} model, not clip/coca")
         arch = cfg["config"]
         graphs = clip_graphs(image_size=arch["vision"]["image_size"],
                              context_length=arch["text"]["context_length"],
                              embed_dim=arch["embed_dim"])
         engines = _engine_loader(backend)(model_dir, graphs, **kwargs)
+        if family == "coca" and "captioner" not in engines:
+            # The autoregressive decoder is not exported yet; captions run on the torch model.
+            engines["captioner"] = _torch_engines(model_dir, graphs)["captioner"]
         from safetensors import safe_open
 
         with safe_open(os.path.join(model_dir, pretrained.WEIGHTS_FILE), "pt") as f:
@@ -115,7 +123,8 @@ class ClipRuntime:
                    graphs=graphs, tokenizer=load_tokenizer(model_dir),
                    preprocess=pretrained.PreprocessConfig.from_dict(cfg.get("preprocess", {})),
                    logit_scale=float(np.exp(log_scale)),
-                   templates=cfg.get("zero_shot_templates", DEFAULT_TEMPLATES), backend=backend)
+                   templates=cfg.get("zero_shot_templates", DEFAULT_TEMPLATES), backend=backend,
+                   family=family)
 
     # ------------------------------------------------------------------ encoders
     def _run_batched(self, graph: str, x: np.ndarray) -> np.ndarray:
@@ -158,7 +167,7 @@ class ClipRuntime:
         if key in self._classifiers:
             self._classifiers.move_to_end(key)
             return self._classifiers[key]
-        emb = self.encode_text([t.format(lbl) for lbl in labels for t in templates])
+        emb = self.encode_text([apply_template(t, lbl) for lbl in labels for t in templates])
         emb = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
         emb /= np.linalg.norm(emb, axis=-1, keepdims=True).clip(min=1e-12)
         self._classifiers[key] = emb
@@ -175,11 +184,26 @@ class ClipRuntime:
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
 
+    def generate_caption(self, images: Sequence[np.ndarray], max_length: Optional[int] = None
+                         ) -> List[str]:
+        """CoCa only: greedy captions, one string per image."""
+        model = self.engines.get("captioner")
+        if model is None:
+            raise RuntimeLoadError(f"{self.name} is a {self.family} model; it has no caption decoder")
+        pixels = preprocess_images(images, self.preprocess)
+        out: List[str] = []
+        for i in range(0, pixels.shape[0], self.max_batch):
+            ids = model.generate(pixels[i: i + self.max_batch],
+                                 sot_token_id=self.tokenizer.sot_token_id,
+                                 eot_token_id=self.tokenizer.eot_token_id, max_length=max_length)
+            out.extend(self.tokenizer.decode(row) for row in ids.tolist())
+        return out
+
     def index(self, dtype: str = "float32") -> RetrievalIndex:
         """An empty retrieval index sized for this model's embeddings."""
         return RetrievalIndex(self.embed_dim, dtype=dtype)
 
     def info(self) -> Dict[str, object]:
-        return {"name": self.name, "family": "clip", "backend": self.backend,
+        return {"name": self.name, "family": self.family, "backend": self.backend,
                 "embed_dim": self.embed_dim, "image_size": self.preprocess.image_size,
                 "context_length": self.tokenizer.context_length}

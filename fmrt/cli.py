@@ -1,0 +1,149 @@
+"""``fmrt`` command line: train, eval, export, serve, bench, models.
+
+Each subcommand imports its heavy dependencies lazily so ``fmrt --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from fmrt.train.contrastive import TrainConfig, train
+
+    defaults = TrainConfig(family=a.family)
+    cfg = TrainConfig(
+        family=a.family, arch=a.arch, out_dir=a.out or f"runs/shapes-{a.family}",
+        init_from=a.init, steps=a.steps or defaults.steps,
+        batch_size=a.batch_size or defaults.batch_size, lr=a.lr or defaults.lr,
+        warmup=a.warmup if a.warmup is not None else defaults.warmup, seed=a.seed,
+        hard_negatives=a.hard_negatives if a.hard_negatives is not None else defaults.hard_negatives,
+        threads=a.threads, resume=not a.no_resume, ckpt_every=a.ckpt_every)
+    out = train(cfg)
+    print(json.dumps({"model_dir": out}))
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from fmrt.train.evaluate import evaluate, format_report
+
+    reports = [evaluate(m, backend=a.backend, n=a.n, seed=a.seed) for m in a.models]
+    print(format_report(reports))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(reports, f, indent=2)
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from export.onnx_export import export_clip
+
+    paths = export_clip(a.model, a.out)
+    if a.int8:
+        from export.quantize import quantize_dir
+
+        paths.update(quantize_dir(a.out))
+    if a.tensorrt:
+        from export.tensorrt_build import build_engines
+
+        paths.update(build_engines(a.out, fp16=not a.fp32))
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from fmrt.serve.launcher import serve_main
+
+    models = [m for m in a.models.split(",") if m] if a.models else None
+    serve_main(host=a.host, port=a.port, models=models, backend=a.backend, blocking=True)
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from fmrt.bench import compare_backends, format_table
+
+    rows = compare_backends(a.model, backends=a.backends.split(","),
+                            batches=[int(b) for b in a.batches.split(",")], repeats=a.repeats)
+    print(format_table(rows))
+    return 0
+
+
+def _cmd_models(a: argparse.Namespace) -> int:
+    import fmrt
+    from fmrt.pretrained import list_pretrained
+
+    print("architectures:", ", ".join(fmrt.list_models()))
+    print("bundled weights:", ", ".join(list_pretrained()) or "(none)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fmrt", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a model on ShapesWorld")
+    t.add_argument("family", choices=["clip", "negclip", "coca"])
+    t.add_argument("--out", help="run directory (checkpoints + final model/)")
+    t.add_argument("--arch", help="registered architecture (default per family)")
+    t.add_argument("--init", help="start from a model dir or bundled name (negclip)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--warmup", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--hard-negatives", type=int, help="hard negatives per caption")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--ckpt-every", type=int, default=250)
+    t.add_argument("--no-resume", action="store_true")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate models on the ShapesWorld test split")
+    e.add_argument("models", nargs="+", help="bundled names or model directories")
+    e.add_argument("--backend", default="torch")
+    e.add_argument("--n", type=int, default=1000, help="examples per task")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="also write the reports to this file")
+    e.set_defaults(fn=_cmd_eval)
+
+    x = sub.add_parser("export", help="export a model to ONNX (and int8 / TensorRT)")
+    x.add_argument("model")
+    x.add_argument("--out", required=True)
+    x.add_argument("--int8", action="store_true", help="also write dynamic-int8 graphs")
+    x.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines")
+    x.add_argument("--fp32", action="store_true", help="TensorRT without fp16")
+    x.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("serve", help="serve the bundled models over HTTP with Ray Serve")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--models", help="comma-separated model names (default: all bundled)")
+    s.add_argument("--backend", default="onnxruntime")
+    s.set_defaults(fn=_cmd_serve)
+
+    b = sub.add_parser("bench", help="compare encoder throughput across backends")
+    b.add_argument("model", nargs="?", default="shapes-clip")
+    b.add_argument("--backends", default="torch,onnxruntime,onnxruntime-int8")
+    b.add_argument("--batches", default="1,8,32")
+    b.add_argument("--repeats", type=int, default=20)
+    b.set_defaults(fn=_cmd_bench)
+
+    m = sub.add_parser("models", help="list architectures and bundled weights")
+    m.set_defaults(fn=_cmd_models)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fmrt {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

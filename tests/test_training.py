@@ -1,0 +1,152 @@
+"""Training plumbing: schedule, checkpoints with exact resume, CoCa loss/generation, eval
+metrics, and a tiny end-to-end `fmrt train` + `fmrt eval` run through the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fmrt
+from fmrt.train import common
+from fmrt.train.contrastive import ShapesCaptionStream, TrainConfig, train, trim_padding
+from fmrt.train.evaluate import linear_probe, recall_at_k, winoground_scores
+
+
+def test_cosine_schedule():
+    lrs = [common.cosine_lr(s, total=100, warmup=10, base_lr=1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warm-up
+    assert lrs[-1] == pytest.approx(0.05, abs=0.01)
+
+
+def test_stream_is_deterministic_and_has_negatives():
+    cfg = TrainConfig(batch_size=16, hard_negatives=2, single_prob=0.5)
+    a, b = ShapesCaptionStream(cfg)(3), ShapesCaptionStream(cfg)(3)
+    assert np.array_equal(a["images"], b["images"]) and a["captions"] == b["captions"]
+    assert a["images"].shape == (16, 64, 64, 3)
+    assert all(len(n) == 2 for n in a["hard_negatives"])
+    assert ShapesCaptionStream(cfg)(4)["captions"] != a["captions"]
+
+
+def test_trim_padding_is_exact():
+    m = fmrt.create_model("shapes-vit-tiny").eval()
+    ids = torch.zeros(3, 32, dtype=torch.long)
+    ids[:, 0] = 1
+    ids[0, 1:4], ids[0, 4] = torch.tensor([10, 11, 12]), 2
+    ids[1, 1], ids[1, 2] = 13, 2
+    ids[2, 1:7], ids[2, 7] = torch.arange(20, 26), 2
+    t = trim_padding(ids, 0)
+    assert t.shape == (3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode_text(t), m.encode_text(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_contrastive_loss_groups():
+    from fmrt.models import clip_contrastive_loss
+
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
+    s = torch.tensor(10.0, dtype=torch.float64)
+    # distinct groups == plain InfoNCE
+    assert torch.allclose(clip_contrastive_loss(img, txt, s, groups=torch.arange(4)),
+                          clip_contrastive_loss(img, txt, s))
+    # rows 0 and 1 share a caption: targets spread over both
+    g = torch.tensor([7, 7, 1, 2])
+    logits = s * img @ txt.T
+    tgt = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]],
+                       dtype=torch.float64)
+    ref = 0.5 * (-(tgt * logits.log_softmax(1)).sum(1).mean()
+                 - (tgt * logits.T.log_softmax(1)).sum(1).mean())
+    assert torch.allclose(clip_contrastive_loss(img, txt, s, groups=g), ref)
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    kw = dict(batch_size=8, steps=4, warmup=2, ckpt_every=2, lr=1e-3)
+    a = str(tmp_path / "a")
+    train(TrainConfig(out_dir=a, **kw), progress=False)
+    b = str(tmp_path / "b")
+    train(TrainConfig(out_dir=b, **{**kw, "steps": 2}), progress=False)
+    with open(os.path.join(b, common.CKPT_STATE)) as f:
+        assert json.load(f)["step"] == 2
+    train(TrainConfig(out_dir=b, **kw), progress=False)  # resumes at 2, runs 2 more
+    from safetensors.torch import load_file
+
+    wa = load_file(os.path.join(a, common.CKPT_WEIGHTS))
+    wb = load_file(os.path.join(b, common.CKPT_WEIGHTS))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    assert os.path.isfile(os.path.join(b, "model", "model.safetensors"))
+
+
+def test_negclip_and_coca_train_steps(tmp_path):
+    clip_dir = train(TrainConfig(out_dir=str(tmp_path / "c"), batch_size=8, steps=2, warmup=1),
+                     progress=False)
+    neg = train(TrainConfig(family="negclip", init_from=clip_dir, out_dir=str(tmp_path / "n"),
+                            batch_size=8, steps=2, warmup=1, hard_negatives=2), progress=False)
+    coca = train(TrainConfig(family="coca", out_dir=str(tmp_path / "k"), batch_size=8, steps=2,
+                             warmup=1), progress=False)
+    rt = fmrt.load(neg)
+    assert rt.encode_text(["a red circle"]).shape == (1, 128)
+    rc = fmrt.load(coca)
+    caps = rc.generate_caption([np.full((64, 64, 3), 255, np.uint8)], max_length=5)
+    assert len(caps) == 1 and isinstance(caps[0], str)
+
+
+def test_coca_loss_and_gradients():
+    torch.manual_seed(0)
+    m = fmrt.create_model("shapes-coca-tiny")
+    x = torch.randn(3, 3, 64, 64)
+    t = torch.zeros(3, 9, dtype=torch.long)
+    t[:, 0], t[:, 1:5], t[:, 5] = 1, torch.randint(4, 80, (3, 4)), 2
+    loss, parts = m.loss(x, t, pad_token_id=0)
+    assert math.isfinite(float(loss.detach())) and set(parts) == {"contrastive", "caption"}
+    # the caption CE at init is close to uniform over the vocabulary
+    assert abs(parts["caption"] - math.log(128)) < 1.0
+    loss.backward()
+    for name in ("decoder.resblocks.0.cross_attn.in_proj_weight", "caption_pool.query",
+                 "contrastive_pool.query", "lm_head.weight", "visual.conv1.weight"):
+        assert dict(m.named_parameters())[name].grad.abs().sum() > 0, name
+    # the decoder is causal: logits at position i ignore tokens after i
+    with torch.no_grad():
+        cap = m.caption_pool(m._image_tokens(x))
+        a = m.decode_logits(cap, t)
+        t2 = t.clone()
+        t2[:, 4] = 7
+        b = m.decode_logits(cap, t2)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    g = m.generate(x, sot_token_id=1, eot_token_id=2, max_length=6)
+    assert g.shape[0] == 3 and g.shape[1] <= 6 and bool((g[:, 0] == 1).all())
+
+
+def test_metrics():
+    s = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8]])
+    rel = np.array([[False, False, True], [False, False, True]])
+    r = recall_at_k(s, rel, ks=(1, 2))
+    assert r[1] == 0.5 and r[2] == 1.0
+    w = winoground_scores(np.array([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 2.0], [0.0, 3.0]]]))
+    assert w == {"text": 1.0, "image": 0.5, "group": 0.5}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 5))
+    y = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0)
+    assert linear_probe(x[:200], y[:200], x[200:], y[200:], n_classes=4) > 0.9
+
+
+def test_cli_models_and_eval_smoke(tmp_path, capsys):
+    from fmrt.cli import main
+    from tests.helpers import make_model_dir
+
+    assert main(["models"]) == 0
+    assert "ViT-B-32" in capsys.readouterr().out
+    d = make_model_dir(str(tmp_path / "m"))
+    out = str(tmp_path / "r.json")
+    assert main(["eval", d, "--n", "24", "--json", out]) == 0
+    rep = json.load(open(out))[0]
+    for k in ("zero_shot", "linear_probe", "retrieval", "hard_negative_acc", "winoground"):
+        assert k in rep
+    assert 0.0 <= rep["zero_shot"]["color_shape_ensemble"] <= 1.0
+    assert main(["eval", "no-such-model"]) == 2
