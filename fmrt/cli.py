@@ -46,9 +46,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
         paths.update(quantize_dir(a.out))
     if a.tensorrt:
-        from export.tensorrt_build import build_engines
+        # Builds (or reuses) engines for both towers in the engine cache; needs a CUDA GPU.
+        import fmrt
 
-        paths.update(build_engines(a.out, fp16=not a.fp32))
+        fmrt.load(a.model, backend="tensorrt", precision="fp32" if a.fp32 else "fp16",
+                  onnx_dir=a.out)
+        paths["tensorrt"] = "engines built into the engine cache"
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
@@ -67,6 +70,13 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     rows = compare_backends(a.model, backends=a.backends.split(","),
                             batches=[int(b) for b in a.batches.split(",")], repeats=a.repeats)
     print(format_table(rows))
+    return 0
+
+
+def _cmd_bundle(a: argparse.Namespace) -> int:
+    from fmrt.pretrained import bundle
+
+    print(json.dumps({"bundled": bundle(a.model_dir, a.name)}))
     return 0
 
 
@@ -128,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", default="1,8,32")
     b.add_argument("--repeats", type=int, default=20)
     b.set_defaults(fn=_cmd_bench)
+
+    u = sub.add_parser("bundle", help="ship a trained model dir inside the package (fp16)")
+    u.add_argument("model_dir")
+    u.add_argument("name", help="bundled name, e.g. shapes-clip")
+    u.set_defaults(fn=_cmd_bundle)
 
     m = sub.add_parser("models", help="list architectures and bundled weights")
     m.set_defaults(fn=_cmd_models)

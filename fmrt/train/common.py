@@ -132,8 +132,9 @@ class Progress:
         self.t0 = time.time()
 
     def update(self, **metrics: float) -> None:
-        for k, v in metrics.items():
-            self.avg[k] = v if k not in self.avg else 0.95 * self.avg[k] + 0.05 * v
+        for k, v in metrics.items():  # losses are smoothed; the learning rate is shown as is
+            smooth = k != "lr" and k in self.avg
+            self.avg[k] = 0.95 * self.avg[k] + 0.05 * v if smooth else v
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.avg.items()}, refresh=False)
         self.bar.update(1)
 

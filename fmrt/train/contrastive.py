@@ -108,6 +108,13 @@ class ShapesCaptionStream:
         return {"images": render_batch(scenes), "captions": caps, "hard_negatives": negs}
 
 
+def canonical_command(argv: List[str]) -> Optional[str]:
+    """``fmrt ...`` for a run started from the CLI (``fmrt`` or ``python -m fmrt.cli``)."""
+    if argv and (argv[0].endswith("fmrt") or argv[0].endswith("cli.py")):
+        return "fmrt " + " ".join(shlex.quote(a) for a in argv[1:])
+    return None
+
+
 def trim_padding(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """Drop trailing all-pad columns: exact for a causal tower pooled at end-of-text, and
     ShapesWorld captions use ~8 of the 32 positions, so the text tower does ~4x less work."""
@@ -179,8 +186,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> str:
                                    {"config": asdict(cfg), "elapsed_s": time.time() - t0})
     wall = bar.close() if bar else time.time() - t0
     provenance = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and "fmrt" in sys.argv[0]
-        else None,
+        "command": cfg.extra.get("command") or canonical_command(sys.argv),
         "train_config": asdict(cfg), "seed": cfg.seed, "steps": cfg.steps,
         "wall_seconds_this_session": round(wall, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
