@@ -103,10 +103,13 @@ def _json_sha256(obj: Any) -> str:
 def weights_sha256(model_dir: str) -> str:
     from fmrt import pretrained
 
-    path = os.path.join(model_dir, pretrained.WEIGHTS_FILE)
-    if not os.path.isfile(path):
-        raise ExportError(f"{model_dir}: missing {pretrained.WEIGHTS_FILE}")
-    return file_sha256(path)
+    try:
+        files = pretrained.weight_files(model_dir)
+    except pretrained.PretrainedError as e:
+        raise ExportError(str(e)) from None
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- export wrappers
@@ -172,8 +175,7 @@ def _resolve_source(src: Any) -> Tuple[nn.Module, Dict[str, Any], str, str, str]
         if src.family not in FAMILIES:
             raise ExportError(f"{src.name}: family {src.family!r} has no exporter (only "
                               f"{FAMILIES})")
-        wpath = os.path.join(src.path, pretrained.WEIGHTS_FILE) if src.path else ""
-        sha = (file_sha256(wpath) if wpath and os.path.isfile(wpath)
+        sha = (weights_sha256(src.path) if src.path and os.path.isdir(src.path)
                else _state_dict_sha256(src.model))
         return src.model, src.config["config"], sha, src.name, src.family
     if isinstance(src, nn.Module) and hasattr(src, "visual") and hasattr(src, "text"):

@@ -20,7 +20,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         batch_size=a.batch_size or defaults.batch_size, lr=a.lr or defaults.lr,
         warmup=a.warmup if a.warmup is not None else defaults.warmup, seed=a.seed,
         hard_negatives=a.hard_negatives if a.hard_negatives is not None else defaults.hard_negatives,
-        threads=a.threads, resume=not a.no_resume, ckpt_every=a.ckpt_every)
+        threads=a.threads, resume=not a.no_resume, ckpt_every=a.ckpt_every,
+        single_prob=a.single_prob if a.single_prob is not None else defaults.single_prob)
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--hard-negatives", type=int, help="hard negatives per caption")
+    t.add_argument("--single-prob", type=float, help="share of one-object scenes")
     t.add_argument("--threads", type=int)
     t.add_argument("--ckpt-every", type=int, default=250)
     t.add_argument("--no-resume", action="store_true")

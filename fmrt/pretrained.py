@@ -25,6 +25,10 @@ from fmrt.preprocess import PreprocessConfig
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # Hugging Face's sharded layout
+# Shards stay under 3 MiB so every bundled file is well below the repository's 4 MiB file cap
+# (CoCa's 2.2M float16 parameters are 4.3 MB in one file).
+MAX_SHARD_BYTES = 3 * 1024 * 1024
 
 # family -> callable(config_dict) -> nn.Module (registered by each family's model module)
 _BUILDERS: Dict[str, Callable[[Dict[str, Any]], nn.Module]] = {}
@@ -88,6 +92,45 @@ def build_from_config(family: str, config: Dict[str, Any]) -> nn.Module:
     return _BUILDERS[family](config)
 
 
+def weight_files(model_dir: str) -> List[str]:
+    """The safetensors files of a model directory: ``model.safetensors`` or the shards named by
+    ``model.safetensors.index.json``."""
+    single = os.path.join(model_dir, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(model_dir, WEIGHTS_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(model_dir, s) for s in shards]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise PretrainedError(f"{model_dir}: missing weight shards {missing}")
+        return files
+    raise PretrainedError(f"{model_dir}: missing {WEIGHTS_FILE} (or {WEIGHTS_INDEX})")
+
+
+def read_weights(model_dir: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd: Dict[str, torch.Tensor] = {}
+    for f in weight_files(model_dir):
+        sd.update(load_file(f))
+    return sd
+
+
+def read_tensor(model_dir: str, key: str) -> torch.Tensor:
+    """One tensor without loading the rest (e.g. CLIP's ``logit_scale`` for a non-torch
+    backend)."""
+    from safetensors import safe_open
+
+    for f in weight_files(model_dir):
+        with safe_open(f, "pt") as h:
+            if key in h.keys():
+                return h.get_tensor(key)
+    raise PretrainedError(f"{model_dir}: no tensor {key!r}")
+
+
 def load_pretrained(name_or_dir: str, *, dtype: torch.dtype = torch.float32) -> Pretrained:
     from safetensors.torch import load_file
 
@@ -95,10 +138,7 @@ def load_pretrained(name_or_dir: str, *, dtype: torch.dtype = torch.float32) -> 
     cfg = read_config(path)
     family = cfg.get("family")
     model = build_from_config(family, cfg["config"])
-    wpath = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(wpath):
-        raise PretrainedError(f"{path}: missing {WEIGHTS_FILE}")
-    sd = load_file(wpath)
+    sd = read_weights(path)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
@@ -132,7 +172,32 @@ def save_pretrained(directory: str, *, family: str, model: nn.Module, config: Di
     os.makedirs(directory, exist_ok=True)
     sd = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous()
           for k, v in model.state_dict().items()}
-    save_file(sd, os.path.join(directory, WEIGHTS_FILE))
+    for old in [WEIGHTS_FILE, WEIGHTS_INDEX] + [f for f in os.listdir(directory)
+                                                if f.startswith("model-") and
+                                                f.endswith(".safetensors")]:
+        if os.path.isfile(os.path.join(directory, old)):
+            os.remove(os.path.join(directory, old))
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(sd, os.path.join(directory, WEIGHTS_FILE))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, name))
+            weight_map.update({k: name for k in shard})
+        with open(os.path.join(directory, WEIGHTS_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": sum(v.numel() * v.element_size()
+                                                      for v in sd.values())},
+                       "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump({"family": family, "config": config, "preprocess": preprocess.to_dict(),
                    "provenance": provenance or {}, **(extra or {})}, f, indent=2)

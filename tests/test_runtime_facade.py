@@ -1,6 +1,8 @@
 """The torch facade (ClipRuntime), the retrieval index and the weights registry."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,23 @@ def test_pretrained_roundtrip_half(tmp_path, model_dir):
 def test_create_model_from_bundle_dir(model_dir):
     m = fmrt.create_model(checkpoint=model_dir)
     assert isinstance(m, fmrt.models.CLIP)
+
+
+def test_sharded_weights_roundtrip(tmp_path, model_dir, monkeypatch):
+    from fmrt import pretrained
+
+    p = pretrained.load_pretrained(model_dir)
+    monkeypatch.setattr(pretrained, "MAX_SHARD_BYTES", 1_000_000)
+    d = pretrained.save_pretrained(str(tmp_path / "s"), family="clip", model=p.model,
+                                   config=p.config["config"], preprocess=p.preprocess,
+                                   tokenizer=p.tokenizer)
+    files = pretrained.weight_files(d)
+    assert len(files) > 1 and all(os.path.getsize(f) < 1_100_000 for f in files)
+    q = pretrained.load_pretrained(d)
+    for k, v in p.model.state_dict().items():
+        assert torch.equal(v, q.model.state_dict()[k])
+    rt = fmrt.load(d)
+    assert rt.logit_scale == pytest.approx(float(p.model.scale()), rel=1e-6)
+    os.remove(files[-1])
+    with pytest.raises(pretrained.PretrainedError):
+        pretrained.load_pretrained(d)

@@ -37,13 +37,13 @@ LIMITS = {"max_image_bytes": 1_000_000, "max_body_bytes": 3_000_000}
 TIMEOUT = 60
 
 
-def _make_model(directory: str, seed: int) -> str:
+def _make_model(directory: str, seed: int, family: str = "clip") -> str:
     import torch
 
     torch.manual_seed(seed)
-    m = fmrt.create_model("shapes-vit-tiny")
+    m = fmrt.create_model("shapes-coca-tiny" if family == "coca" else "shapes-vit-tiny")
     tk = WordTokenizer.build(WORDS)
-    return save_pretrained(directory, family="clip", model=m, config=m.config.to_dict(),
+    return save_pretrained(directory, family=family, model=m, config=m.config.to_dict(),
                            preprocess=PreprocessConfig(64), tokenizer=tk)
 
 
@@ -52,7 +52,7 @@ def server(tmp_path_factory):
     from fmrt.serve.launcher import free_port, start_serve
 
     root = tmp_path_factory.mktemp("serve_models")
-    dirs = [_make_model(str(root / "tiny-a"), 0), _make_model(str(root / "tiny-b"), 1)]
+    dirs = [_make_model(str(root / "tiny-a"), 0), _make_model(str(root / "tiny-b"), 1, "coca")]
     session = start_serve(
         {"models": dirs, "backend": "torch", "max_batch_size": 32, "batch_wait_timeout_s": 0.02,
          "limits": LIMITS, "request_timeout_s": 30},
@@ -177,6 +177,18 @@ def test_rank_text_to_images_and_image_to_texts(server, runtimes):
 
 
 # ---------------------------------------------------------------------------------- batching
+def test_captions(server, runtimes):
+    imgs = _images(2)
+    r = post(server, "/v1/captions", {"model": "tiny-b", "max_length": 6,
+                                      "images": [encode_image(im) for im in imgs]})
+    assert r.status_code == 200, r.text
+    caps = [d["caption"] for d in r.json()["data"]]
+    assert caps == runtimes["tiny-b"].generate_caption(imgs, max_length=6)
+    # a CLIP model has no caption decoder: a 4xx naming the problem, not a 500
+    r = post(server, "/v1/captions", {"model": "tiny-a", "images": [encode_image(imgs[0])]})
+    assert r.status_code == 422 and "cannot caption" in r.json()["error"]["message"]
+
+
 def test_concurrent_requests_are_batched(server, runtimes):
     texts = [f"a {c} {s}" for c in ("red", "green", "blue", "small")
              for s in ("circle", "square", "triangle", "photo")]  # 16 distinct

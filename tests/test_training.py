@@ -29,6 +29,10 @@ def test_stream_is_deterministic_and_has_negatives():
     assert np.array_equal(a["images"], b["images"]) and a["captions"] == b["captions"]
     assert a["images"].shape == (16, 64, 64, 3)
     assert all(len(n) == 2 for n in a["hard_negatives"])
+    # positives: every caption true of its own image, every hard negative false of its image
+    pos = a["positives"]
+    assert pos.shape == (16, 16 + 32) and pos[:, :16].diagonal().all()
+    assert not any(pos[i, 16 + 2 * i + j] for i in range(16) for j in range(2))
     assert ShapesCaptionStream(cfg)(4)["captions"] != a["captions"]
 
 
@@ -45,24 +49,61 @@ def test_trim_padding_is_exact():
         torch.testing.assert_close(m.encode_text(t), m.encode_text(ids), atol=1e-5, rtol=1e-5)
 
 
-def test_contrastive_loss_groups():
+def test_contrastive_loss_positives():
     from fmrt.models import clip_contrastive_loss
 
     torch.manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
     s = torch.tensor(10.0, dtype=torch.float64)
-    # distinct groups == plain InfoNCE
-    assert torch.allclose(clip_contrastive_loss(img, txt, s, groups=torch.arange(4)),
+    # only the diagonal positive == plain InfoNCE
+    assert torch.allclose(clip_contrastive_loss(img, txt, s, positives=torch.eye(4, dtype=bool)),
                           clip_contrastive_loss(img, txt, s))
-    # rows 0 and 1 share a caption: targets spread over both
-    g = torch.tensor([7, 7, 1, 2])
+    # caption 1 is also true of image 0 (not symmetric): row 0 of i2t and row 1 of t2i spread
+    pos = torch.eye(4, dtype=torch.bool)
+    pos[0, 1] = True
     logits = s * img @ txt.T
-    tgt = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]],
-                       dtype=torch.float64)
-    ref = 0.5 * (-(tgt * logits.log_softmax(1)).sum(1).mean()
-                 - (tgt * logits.T.log_softmax(1)).sum(1).mean())
-    assert torch.allclose(clip_contrastive_loss(img, txt, s, groups=g), ref)
+    t_i2t = torch.tensor([[.5, .5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]],
+                         dtype=torch.float64)
+    t_t2i = torch.tensor([[1, 0, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]],
+                         dtype=torch.float64)
+    ref = 0.5 * (-(t_i2t * logits.log_softmax(1)).sum(1).mean()
+                 - (t_t2i * logits.T.log_softmax(1)).sum(1).mean())
+    assert torch.allclose(clip_contrastive_loss(img, txt, s, positives=pos), ref)
+    # a hard negative that is true of image 2 counts as its positive (i2t only)
+    hn = torch.nn.functional.normalize(torch.randn(2, 8, dtype=torch.float64), dim=-1)
+    pos6 = torch.cat([torch.eye(4, dtype=torch.bool), torch.zeros(4, 2, dtype=torch.bool)], 1)
+    pos6[2, 5] = True
+    full = s * img @ torch.cat([txt, hn]).T
+    t6 = torch.zeros(4, 6, dtype=torch.float64)
+    t6[[0, 1, 3], [0, 1, 3]] = 1
+    t6[2, 2] = t6[2, 5] = 0.5
+    ref6 = 0.5 * (-(t6 * full.log_softmax(1)).sum(1).mean()
+                  + torch.nn.functional.cross_entropy(logits.T, torch.arange(4)))
+    assert torch.allclose(clip_contrastive_loss(img, txt, s, hard_negative_features=hn,
+                                                positives=pos6), ref6)
+
+
+def test_hard_negative_ranking_loss():
+    from fmrt.models import hard_negative_ranking_loss
+
+    torch.manual_seed(1)
+    n = lambda *s: torch.nn.functional.normalize(torch.randn(*s, dtype=torch.float64), dim=-1)
+    img, txt, hn = n(3, 8), n(3, 8), n(6, 8)  # two negatives per image
+    img.requires_grad_(True)
+    s = torch.tensor(7.0, dtype=torch.float64)
+    ref = 0.0
+    for i in range(3):
+        z = s * torch.stack([img[i] @ txt[i], img[i] @ hn[2 * i], img[i] @ hn[2 * i + 1]])
+        ref = ref - z.log_softmax(0)[0] / 3
+    out = hard_negative_ranking_loss(img, txt, hn, s)
+    assert torch.allclose(out, ref)
+    g1, = torch.autograd.grad(out, img)
+    img2 = img.detach().clone().requires_grad_(True)
+    ref2 = sum(-(s * torch.stack([img2[i] @ txt[i], img2[i] @ hn[2 * i], img2[i] @ hn[2 * i + 1]])
+                 ).log_softmax(0)[0] / 3 for i in range(3))
+    g2, = torch.autograd.grad(ref2, img2)
+    assert torch.allclose(g1, g2)
 
 
 def test_checkpoint_resume_is_exact(tmp_path):

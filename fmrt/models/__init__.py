@@ -1,7 +1,8 @@
 """Model components (one per file) and the registration of every named architecture."""
 from fmrt.models import clip_checkpoint, clip_configs, coca  # noqa: F401  (registers models)
-from fmrt.models.clip import CLIP, CLIPConfig, build_clip, clip_contrastive_loss
+from fmrt.models.clip import (CLIP, CLIPConfig, build_clip, clip_contrastive_loss,
+                              hard_negative_ranking_loss)
 from fmrt.models.coca import CoCa, CoCaConfig, build_coca
 
-__all__ = ["CLIP", "CLIPConfig", "build_clip", "clip_contrastive_loss", "CoCa", "CoCaConfig",
-           "build_coca"]
+__all__ = ["CLIP", "CLIPConfig", "build_clip", "clip_contrastive_loss", "hard_negative_ranking_loss",
+           "CoCa", "CoCaConfig", "build_coca"]

@@ -121,25 +121,45 @@ def build_clip(config: CLIPConfig) -> CLIP:
 def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                           logit_scale: torch.Tensor, *,
                           hard_negative_features: torch.Tensor | None = None,
-                          groups: torch.Tensor | None = None) -> torch.Tensor:
+                          positives: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (open_clip ``ClipLoss`` at world size 1): mean of image->text and
     text->image cross-entropies over ``B x B`` logits with matches on the diagonal.
 
     ``hard_negative_features`` (``M x E``, NegCLIP) are appended as extra columns of the
     image->text logits only; the text->image direction is unchanged, as in NegCLIP.
-    ``groups`` (``B`` int64): rows with the same id carry the same caption; their targets are
-    spread uniformly over the group instead of punishing a duplicate as a negative (in a
-    synthetic world of ~50 single-object captions, batches of 128 hold many duplicates).
+    ``positives`` (``B x B`` or ``B x (B + M)`` bool, diagonal true): ``positives[i, j]`` when
+    caption (or hard negative) ``j`` is also true of image ``i``. The target of each row is then spread uniformly over its positives
+    instead of treating them as negatives. ShapesWorld captions are partial ("a circle"): in a
+    batch of 64, each image has 4.7 true captions on average, so plain InfoNCE would push
+    away 3.7 correct captions per image and hold the learned temperature near 1/15.
     """
     b = image_features.shape[0]
     texts = text_features if hard_negative_features is None else torch.cat(
         [text_features, hard_negative_features], dim=0)
     logits_i2t = logit_scale * image_features @ texts.t()
     logits_t2i = logits_i2t[:, :b].t()
-    if groups is None:
+    if positives is None:
         labels = torch.arange(b, device=image_features.device)
         return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
-    same = (groups[:, None] == groups[None, :]).to(logits_i2t.dtype)
-    target = same / same.sum(dim=1, keepdim=True)
-    target_i2t = F.pad(target, (0, logits_i2t.shape[1] - b))
-    return 0.5 * (F.cross_entropy(logits_i2t, target_i2t) + F.cross_entropy(logits_t2i, target))
+    pos = positives.to(logits_i2t.dtype)
+    target_i2t = F.pad(pos / pos.sum(dim=1, keepdim=True), (0, logits_i2t.shape[1] - pos.shape[1]))
+    pos_t = pos[:, :b].t()
+    target_t2i = pos_t / pos_t.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits_i2t, target_i2t) + F.cross_entropy(logits_t2i, target_t2i))
+
+
+def hard_negative_ranking_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                               hard_negative_features: torch.Tensor, logit_scale: torch.Tensor
+                               ) -> torch.Tensor:
+    """Per-image ``(1 + k)``-way cross-entropy between its true caption and its own ``k`` hard
+    negatives (``hard_negative_features``: ``B*k x E``, rows ``i*k .. i*k+k-1`` belong to image
+    ``i``). In NegCLIP's batch softmax a caption's 3 negatives are 3 of ~250 columns, so at the
+    temperature ShapesWorld settles at (scale ~20) they carry ~1% of the gradient; this term
+    ranks each image's true caption directly above the negatives that differ from it by one
+    word or word order, which is what compositional accuracy measures."""
+    b = image_features.shape[0]
+    negs = hard_negative_features.view(b, -1, hard_negative_features.shape[-1])
+    pos = (image_features * text_features).sum(-1, keepdim=True)            # B x 1
+    neg = torch.einsum("be,bke->bk", image_features, negs)                    # B x k
+    logits = logit_scale * torch.cat([pos, neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=logits.device))

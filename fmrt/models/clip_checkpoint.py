@@ -232,8 +232,13 @@ def load_clip_checkpoint(path: str, name: Optional[str] = None, *, act: Optional
             cfg = json.load(f)
         if cfg.get("family") == "clip":  # fmrt's own format
             config = CLIPConfig.from_dict(cfg["config"] if "config" in cfg else cfg)
-            return _load_into(build_clip(config), read_state_dict(
-                os.path.join(path, "model.safetensors")), path)
+            from fmrt.pretrained import PretrainedError, read_weights
+
+            try:
+                sd = read_weights(path)
+            except PretrainedError as e:
+                raise CheckpointError(str(e)) from None
+            return _load_into(build_clip(config), sd, path)
         if cfg.get("model_type") == "clip":
             config = config_from_hf(cfg)
             return _load_into(build_clip(config), convert_hf_state_dict(_hf_weights(path)), path)

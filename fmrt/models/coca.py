@@ -139,9 +139,9 @@ class CoCa(nn.Module):
         return img, txt, self.scale(), logits
 
     def loss(self, images: torch.Tensor, text: torch.Tensor, *, pad_token_id: int,
-             groups: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+             positives: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         img, txt, scale, logits = self(images, text)
-        con = clip_contrastive_loss(img, txt, scale, groups=groups)
+        con = clip_contrastive_loss(img, txt, scale, positives=positives)
         target = text[:, 1:]
         cap = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                               ignore_index=pad_token_id)

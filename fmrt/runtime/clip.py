@@ -113,10 +113,8 @@ class ClipRuntime:
         if family == "coca" and "captioner" not in engines:
             # The autoregressive decoder is not exported yet; captions run on the torch model.
             engines["captioner"] = _torch_engines(model_dir, graphs)["captioner"]
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(model_dir, pretrained.WEIGHTS_FILE), "pt") as f:
-            log_scale = float(f.get_tensor("logit_scale").float().clamp(max=np.log(100.0)))
+        log_scale = float(pretrained.read_tensor(model_dir, "logit_scale").float()
+                          .clamp(max=np.log(100.0)))
         from fmrt.models.tokenizer import load_tokenizer
 
         return cls(name=os.path.basename(os.path.normpath(model_dir)), engines=engines,

@@ -298,6 +298,20 @@ class ClipEncoder:
         p = np.exp(logits)
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
+    # ----------------------------------------------------------------- captioning
+    async def caption(self, images: List[np.ndarray], max_length: Optional[int] = None
+                      ) -> List[str]:
+        """CoCa models: greedy captions, one per image. Other models: ClassifyInputError."""
+        from fmrt.runtime.clip import ClassifyInputError
+
+        images = self._check_images(images)
+        if self.runtime.family != "coca":
+            raise ClassifyInputError(f"model {self.model!r} is a {self.runtime.family} model and "
+                                     "cannot caption; choose a CoCa model")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.runtime.generate_caption, images,
+                                          max_length)
+
     # ----------------------------------------------------------------- introspection
     def info(self) -> Dict[str, Any]:
         info = dict(self.runtime.info())
@@ -425,7 +439,8 @@ class ClipRoutes(FamilyRoutes):
         p = self.prefix
         return [Route("POST", f"{p}/embeddings", self.embeddings),
                 Route("POST", f"{p}/classify", self.classify),
-                Route("POST", f"{p}/rank", self.rank)]
+                Route("POST", f"{p}/rank", self.rank),
+                Route("POST", f"{p}/captions", self.captions)]
 
     async def _embed(self, handle, *, texts=None, images=None) -> np.ndarray:
         if texts is not None:
@@ -490,6 +505,18 @@ class ClipRoutes(FamilyRoutes):
                          "predictions": [{"label": labels[j], "index": int(j),
                                           "prob": float(row[j])} for j in order]})
         return H.json_response({"object": "list", "model": name, "labels": labels, "data": data})
+
+    # ----------------------------------------------------------------- POST /v1/captions
+    async def captions(self, request):
+        body = await self.body(request)
+        H.check_keys(body, ["model", "images", "max_length"])
+        name, handle = self.select(body)
+        raw = H.get_images(body, "images", self.limits, required=True)
+        max_length = H.get_int(body, "max_length", lo=2)
+        caps = await self.call(handle.caption.remote(await self.decode(raw, "images"),
+                                                     max_length))
+        return H.json_response({"object": "list", "model": name,
+                                "data": [{"index": i, "caption": c} for i, c in enumerate(caps)]})
 
     # ----------------------------------------------------------------- POST /v1/rank
     async def rank(self, request):

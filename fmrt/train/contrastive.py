@@ -15,7 +15,6 @@ import platform
 import shlex
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -47,6 +46,7 @@ class TrainConfig:
     template_prob: float = 0.25        # fraction of captions wrapped in a prompt template
     single_prob: float = 0.3           # fraction of one-object scenes (zero-shot needs them)
     hard_negatives: int = 0            # hard negatives per caption on the text side (NegCLIP)
+    hard_negative_weight: float = 1.0  # weight of the per-image ranking term (with negatives)
     ckpt_every: int = 250
     threads: Optional[int] = None
     resume: bool = True
@@ -69,7 +69,8 @@ def build_tokenizer(context_length: int):
 
 
 class ShapesCaptionStream:
-    """Training batches ``{"images": uint8 BxSxSx3, "captions": [B], "hard_negatives": [[k]]}``,
+    """Training batches ``{"images": uint8 BxSxSx3, "captions": [B], "hard_negatives": [[k]],
+    "positives": bool BxB}`` (``positives[i, j]``: caption j is true of image i),
     deterministic in ``(seed, step)``.
 
     A ``single_prob`` share of scenes hold one object: zero-shot classification is judged on
@@ -86,12 +87,12 @@ class ShapesCaptionStream:
         self.base_seed = split_seed("train")
 
     def __call__(self, step: int) -> Dict[str, Any]:
-        from fmrt.data import TEMPLATES, apply_template, as_rng, render_batch
+        from fmrt.data import TEMPLATES, apply_template, as_rng, is_true, render_batch
 
         cfg, world = self.cfg, self.world
         R = as_rng(np.random.default_rng([self.base_seed, cfg.seed, step]))
         k = max(1, cfg.hard_negatives)
-        scenes, caps, negs = [], [], []
+        scenes, caps, negs, structs, neg_structs = [], [], [], [], []
         while len(scenes) < cfg.batch_size:
             sc = world.sample_scene(R, num_objects=1 if R.u() < cfg.single_prob else None)
             try:
@@ -103,9 +104,17 @@ class ShapesCaptionStream:
                 label = text.split(" ", 1)[1]  # drop the article; the template brings its own
                 text = apply_template(TEMPLATES[R.randint(len(TEMPLATES))], label)
             scenes.append(sc)
+            structs.append(cap)
             caps.append(text)
             negs.append([str(n) for n in neg])
-        return {"images": render_batch(scenes), "captions": caps, "hard_negatives": negs}
+            neg_structs.extend(neg)
+        # Which captions are true of which images (a template does not change the truth). With
+        # hard negatives the columns continue over them: a negative of caption j is false of
+        # image j but may be true of another image of the batch.
+        columns = structs + (neg_structs if cfg.hard_negatives else [])
+        positives = np.array([[is_true(sc, c) for c in columns] for sc in scenes])
+        return {"images": render_batch(scenes), "captions": caps, "hard_negatives": negs,
+                "positives": positives}
 
 
 def canonical_command(argv: List[str]) -> Optional[str]:
@@ -120,10 +129,6 @@ def trim_padding(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     ShapesWorld captions use ~8 of the 32 positions, so the text tower does ~4x less work."""
     used = (ids != pad_token_id).any(dim=0).nonzero()
     return ids[:, : int(used.max()) + 1] if used.numel() else ids
-
-
-def _groups(captions: List[str]) -> torch.Tensor:
-    return torch.tensor([zlib.crc32(c.encode()) for c in captions], dtype=torch.long)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> str:
@@ -161,10 +166,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> str:
             g["lr"] = lr
         images = uint8_batch_to_tensor(batch["images"], pre)
         text = trim_padding(tokenizer(batch["captions"]), tokenizer.pad_token_id)
-        groups = _groups(batch["captions"])
+        positives = torch.from_numpy(batch["positives"])
         if cfg.family == "coca":
             loss, parts = model.loss(images, text, pad_token_id=tokenizer.pad_token_id,
-                                     groups=groups)
+                                     positives=positives)
         else:
             img, txt, scale = model(images, text)
             hn = None
@@ -173,8 +178,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> str:
                 hn = model.encode_text(trim_padding(tokenizer(negs), tokenizer.pad_token_id),
                                        normalize=True)
             loss = fmrt.models.clip_contrastive_loss(img, txt, scale, hard_negative_features=hn,
-                                                     groups=groups)
+                                                     positives=positives)
             parts = {}
+            if hn is not None and cfg.hard_negative_weight > 0:
+                rank = fmrt.models.hard_negative_ranking_loss(img, txt, hn, scale)
+                loss = loss + cfg.hard_negative_weight * rank
+                parts = {"rank": float(rank.detach())}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
