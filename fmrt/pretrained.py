@@ -164,9 +164,11 @@ def load_pretrained_model(name_or_dir: str) -> nn.Module:
 def save_pretrained(directory: str, *, family: str, model: nn.Module, config: Dict[str, Any],
                     preprocess: PreprocessConfig, tokenizer: Any = None,
                     provenance: Optional[Dict[str, Any]] = None, half: bool = False,
-                    extra: Optional[Dict[str, Any]] = None) -> str:
+                    extra: Optional[Dict[str, Any]] = None,
+                    max_shard_bytes: Optional[int] = None) -> str:
     """Write a model directory. ``half=True`` stores floating tensors as float16 (bundles);
-    ``extra`` adds family-specific keys to config.json (e.g. ``zero_shot_templates``)."""
+    ``extra`` adds family-specific keys to config.json (e.g. ``zero_shot_templates``);
+    ``max_shard_bytes`` splits the weights into shards of at most that size (HF layout)."""
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
@@ -181,7 +183,7 @@ def save_pretrained(directory: str, *, family: str, model: nn.Module, config: Di
     size = 0
     for k, v in sd.items():
         nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+        if shards[-1] and max_shard_bytes and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][k] = v
@@ -216,4 +218,5 @@ def bundle(model_dir: str, name: str, *, weights_dir: str = WEIGHTS_DIR) -> str:
     prov["bundled_from"] = os.path.abspath(model_dir)
     return save_pretrained(os.path.join(weights_dir, name), family=p.family, model=p.model,
                            config=p.config["config"], preprocess=p.preprocess,
-                           tokenizer=p.tokenizer, provenance=prov, half=True, extra=extra)
+                           tokenizer=p.tokenizer, provenance=prov, half=True, extra=extra,
+                           max_shard_bytes=MAX_SHARD_BYTES)

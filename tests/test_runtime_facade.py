@@ -163,14 +163,13 @@ def test_create_model_from_bundle_dir(model_dir):
     assert isinstance(m, fmrt.models.CLIP)
 
 
-def test_sharded_weights_roundtrip(tmp_path, model_dir, monkeypatch):
+def test_sharded_weights_roundtrip(tmp_path, model_dir):
     from fmrt import pretrained
 
     p = pretrained.load_pretrained(model_dir)
-    monkeypatch.setattr(pretrained, "MAX_SHARD_BYTES", 1_000_000)
     d = pretrained.save_pretrained(str(tmp_path / "s"), family="clip", model=p.model,
                                    config=p.config["config"], preprocess=p.preprocess,
-                                   tokenizer=p.tokenizer)
+                                   tokenizer=p.tokenizer, max_shard_bytes=1_000_000)
     files = pretrained.weight_files(d)
     assert len(files) > 1 and all(os.path.getsize(f) < 1_100_000 for f in files)
     q = pretrained.load_pretrained(d)
