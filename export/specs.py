@@ -5,7 +5,7 @@ from these specs and every runtime loader feeds/reads tensors by these names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple, Union
+from typing import Dict, Mapping, Tuple, Union
 
 import numpy as np
 
@@ -45,6 +45,24 @@ class GraphSpec:
     @property
     def output_names(self) -> Tuple[str, ...]:
         return tuple(t.name for t in self.outputs)
+
+    def validate_inputs(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """The feed dict every backend runs: each input present, cast to its dtype, contiguous,
+        static dims and a common batch size checked (KeyError / ValueError otherwise)."""
+        feed: Dict[str, np.ndarray] = {}
+        batch = None
+        for t in self.inputs:
+            if t.name not in inputs:
+                raise KeyError(f"{self.name}: missing input {t.name!r}; got {sorted(inputs)}")
+            x = np.ascontiguousarray(inputs[t.name], dtype=t.np_dtype)
+            if x.ndim != len(t.shape) or any(not isinstance(s, str) and d != s
+                                             for d, s in zip(x.shape, t.shape)):
+                raise ValueError(f"{self.name}: {t.name} has shape {x.shape}, expected {t.shape}")
+            if batch is not None and x.shape[0] != batch:
+                raise ValueError(f"{self.name}: inputs disagree on the batch size")
+            batch = x.shape[0]
+            feed[t.name] = x
+        return feed
 
     def concrete_shape(self, spec: TensorSpec, batch: int) -> Tuple[int, ...]:
         return tuple(batch if d == "batch" else d for d in spec.shape)  # type: ignore[misc]

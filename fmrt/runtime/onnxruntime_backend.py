@@ -130,16 +130,7 @@ class OrtEngine:
         self._out = list(spec.output_names)
 
     def __call__(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        feed = {}
-        for t in self.spec.inputs:
-            if t.name not in inputs:
-                raise KeyError(f"{self.spec.name}: missing input {t.name!r}; got {sorted(inputs)}")
-            x = np.ascontiguousarray(inputs[t.name], dtype=t.np_dtype)
-            if x.ndim != len(t.shape) or any(not isinstance(s, str) and d != s
-                                             for d, s in zip(x.shape, t.shape)):
-                raise ValueError(f"{self.spec.name}: {t.name} has shape {x.shape}, expected "
-                                 f"{t.shape}")
-            feed[t.name] = x
+        feed = self.spec.validate_inputs(inputs)
         outs = self.session.run(self._out, feed)
         return dict(zip(self._out, outs))
 

@@ -83,25 +83,8 @@ class TensorRTEngine:
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         self._lock = threading.Lock()
 
-    def _check(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        arrays = {}
-        batch = None
-        for t in self.spec.inputs:
-            if t.name not in inputs:
-                raise KeyError(f"{self.spec.name}: missing input {t.name!r}; got {sorted(inputs)}")
-            x = np.ascontiguousarray(inputs[t.name], dtype=t.np_dtype)
-            if x.ndim != len(t.shape) or any(not isinstance(s, str) and d != s
-                                             for d, s in zip(x.shape, t.shape)):
-                raise ValueError(f"{self.spec.name}: {t.name} has shape {x.shape}, expected "
-                                 f"{t.shape}")
-            if batch is not None and x.shape[0] != batch:
-                raise ValueError(f"{self.spec.name}: inputs disagree on the batch size")
-            batch = x.shape[0]
-            arrays[t.name] = x
-        return arrays
-
     def __call__(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        arrays = self._check(inputs)
+        arrays = self.spec.validate_inputs(inputs)
         batch = next(iter(arrays.values())).shape[0]
         if batch == 0:
             return {t.name: np.zeros(self.spec.concrete_shape(t, 0), t.np_dtype)
