@@ -21,7 +21,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
         warmup=a.warmup if a.warmup is not None else defaults.warmup, seed=a.seed,
         hard_negatives=a.hard_negatives if a.hard_negatives is not None else defaults.hard_negatives,
         threads=a.threads, resume=not a.no_resume, ckpt_every=a.ckpt_every,
-        single_prob=a.single_prob if a.single_prob is not None else defaults.single_prob)
+        single_prob=a.single_prob if a.single_prob is not None else defaults.single_prob,
+        hard_negative_weight=(a.hard_negative_weight if a.hard_negative_weight is not None
+                              else defaults.hard_negative_weight))
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0
@@ -57,10 +59,36 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_model_list(spec: str) -> List[str]:
+    """``--models`` entries: bundled names, model directories, or a family / short name
+    (``clip`` -> every bundled CLIP-family model, ``negclip`` -> ``shapes-negclip``); a family
+    wins over a short name."""
+    import os
+
+    from fmrt import pretrained
+
+    out: List[str] = []
+    for tok in (t.strip() for t in spec.split(",")):
+        if not tok:
+            continue
+        fam = [n for n in pretrained.list_pretrained()
+               if pretrained.read_config(n).get("family") == tok]
+        if pretrained.is_pretrained(tok) or os.path.isdir(tok):
+            out.append(tok)
+        elif fam:
+            out.extend(fam)
+        elif pretrained.is_pretrained(f"shapes-{tok}"):
+            out.append(f"shapes-{tok}")
+        else:
+            raise ValueError(f"--models: {tok!r} is not a bundled model, a model directory "
+                             f"or a family; bundled: {pretrained.list_pretrained()}")
+    return list(dict.fromkeys(out))
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     from fmrt.serve.launcher import serve_main
 
-    models = [m for m in a.models.split(",") if m] if a.models else None
+    models = resolve_model_list(a.models) if a.models else None
     serve_main(host=a.host, port=a.port, models=models, backend=a.backend, blocking=True)
     return 0
 
@@ -105,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--hard-negatives", type=int, help="hard negatives per caption")
+    t.add_argument("--hard-negative-weight", type=float,
+                   help="weight of the per-image hard-negative ranking term")
     t.add_argument("--single-prob", type=float, help="share of one-object scenes")
     t.add_argument("--threads", type=int)
     t.add_argument("--ckpt-every", type=int, default=250)

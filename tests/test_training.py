@@ -191,3 +191,17 @@ def test_cli_models_and_eval_smoke(tmp_path, capsys):
         assert k in rep
     assert 0.0 <= rep["zero_shot"]["color_shape_ensemble"] <= 1.0
     assert main(["eval", "no-such-model"]) == 2
+
+
+def test_cli_serve_model_list():
+    from fmrt.cli import resolve_model_list
+    from fmrt.pretrained import list_pretrained
+
+    bundled = list_pretrained()
+    if "shapes-clip" not in bundled:
+        pytest.skip("bundled weights absent")
+    assert resolve_model_list("shapes-clip") == ["shapes-clip"]
+    assert resolve_model_list("negclip,coca") == ["shapes-negclip", "shapes-coca"]
+    assert set(resolve_model_list("clip")) >= {"shapes-clip", "shapes-negclip"}
+    with pytest.raises(ValueError):
+        resolve_model_list("nope")
