@@ -64,23 +64,11 @@ class FastRNG:
 
     def randint(self, n: int) -> int:
         """Uniform integer in ``[0, n)``."""
-        i = self._i
-        if i >= len(self._buf):
-            self._buf = self.gen.random(256).tolist()
-            i = 0
-        self._i = i + 1
-        k = int(self._buf[i] * n)
+        k = int(self.u() * n)
         return k if k < n else n - 1
 
     def choice(self, seq: Sequence):
-        n = len(seq)
-        i = self._i
-        if i >= len(self._buf):
-            self._buf = self.gen.random(256).tolist()
-            i = 0
-        self._i = i + 1
-        k = int(self._buf[i] * n)
-        return seq[k if k < n else n - 1]
+        return seq[self.randint(len(seq))]
 
     def shuffle(self, lst: list) -> list:
         for i in range(len(lst) - 1, 0, -1):

@@ -6,13 +6,14 @@ a ``CLIPConfig``. Named configs are registered in ``fmrt.models.clip_configs``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fmrt.models.config import ConfigMixin
 from fmrt.models.text_transformer import TextTransformer
 from fmrt.models.vision_transformer import VisionTransformer
 
@@ -42,24 +43,12 @@ class CLIPTextConfig:
 
 
 @dataclass
-class CLIPConfig:
+class CLIPConfig(ConfigMixin):
     embed_dim: int = 512
     vision: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
     text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     act: str = "quick_gelu"
     init_logit_scale: float = math.log(1 / 0.07)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "CLIPConfig":
-        d = dict(d)
-        d.pop("family", None)
-        d.pop("arch", None)
-        vision = CLIPVisionConfig(**d.pop("vision", {}))
-        text = CLIPTextConfig(**d.pop("text", {}))
-        return cls(vision=vision, text=text, **d)
 
 
 class CLIP(nn.Module):

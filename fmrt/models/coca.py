@@ -17,14 +17,15 @@ CLIP export graphs, runtime facade and evaluation apply unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fmrt.models.clip import LOGIT_SCALE_MAX, CLIPTextConfig, CLIPVisionConfig, clip_contrastive_loss
+from fmrt.models.config import ConfigMixin
 from fmrt.models.text_transformer import TextTransformer
 from fmrt.models.transformer import LayerNorm, MultiheadAttention, Transformer
 from fmrt.models.vision_transformer import VisionTransformer
@@ -39,7 +40,7 @@ class CoCaDecoderConfig:
 
 
 @dataclass
-class CoCaConfig:
+class CoCaConfig(ConfigMixin):
     embed_dim: int = 128
     vision: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
     text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
@@ -48,16 +49,6 @@ class CoCaConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     contrastive_weight: float = 1.0
     caption_weight: float = 2.0
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "CoCaConfig":
-        d = dict(d)
-        return cls(vision=CLIPVisionConfig(**d.pop("vision", {})),
-                   text=CLIPTextConfig(**d.pop("text", {})),
-                   decoder=CoCaDecoderConfig(**d.pop("decoder", {})), **d)
 
 
 class AttentionalPooler(nn.Module):
