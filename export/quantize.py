@@ -20,6 +20,16 @@ log = logging.getLogger(__name__)
 DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Gather")
 
 
+def move_into_place(src: str, dst: str) -> str:
+    """Move a finished graph from a scratch dir onto ``dst`` atomically: copy beside ``dst``
+    first (the scratch dir may be on another filesystem), then ``os.replace``, so concurrent
+    readers see the old file or the new one, never a partial one."""
+    tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.move(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
 def int8_path(fp32_path: str) -> str:
     root, ext = os.path.splitext(fp32_path)
     return f"{root}.int8{ext}"
@@ -61,10 +71,7 @@ def quantize_graph(src: str, dst: Optional[str] = None, *,
                              op_types_to_quantize=list(op_types), per_channel=per_channel)
         finally:
             logging.getLogger().setLevel(prev)
-        final_tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
-        shutil.move(tmp, final_tmp)
-        os.replace(final_tmp, dst)
-        return dst
+        return move_into_place(tmp, dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

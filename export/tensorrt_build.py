@@ -246,10 +246,9 @@ def quantize_qdq(src: str, dst: str, spec: GraphSpec,
                                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
         finally:
             root.setLevel(prev)
-        final_tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
-        shutil.move(out, final_tmp)
-        os.replace(final_tmp, dst)
-        return dst
+        from export.quantize import move_into_place
+
+        return move_into_place(out, dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

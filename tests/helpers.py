@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 
-def make_model_dir(path: str, *, family: str = "clip", seed: int = 0) -> str:
-    """Write a random-init ShapesWorld-sized model (clip or coca) with the real tokenizer."""
+def make_model_dir(path: str, *, family: str = "clip", seed: int = 0,
+                   logit_scale: float | None = None) -> str:
+    """Write a random-init ShapesWorld-sized model (clip or coca) with the real tokenizer;
+    ``logit_scale`` (e.g. 50) overrides the initial 1/0.07 to make probabilities peaky."""
     import fmrt
     from fmrt.pretrained import save_pretrained
     from fmrt.train.contrastive import SHAPES_MEAN, SHAPES_STD, build_tokenizer
@@ -17,6 +20,9 @@ def make_model_dir(path: str, *, family: str = "clip", seed: int = 0) -> str:
     torch.manual_seed(seed)
     arch = "shapes-coca-tiny" if family == "coca" else "shapes-vit-tiny"
     m = fmrt.create_model(arch).eval()
+    if logit_scale is not None:
+        with torch.no_grad():
+            m.logit_scale.fill_(float(np.log(logit_scale)))
     tk = build_tokenizer(m.context_length)
     pre = PreprocessConfig(image_size=64, mean=SHAPES_MEAN, std=SHAPES_STD, resize_mode="squash",
                            interpolation="bilinear")

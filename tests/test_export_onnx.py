@@ -18,25 +18,15 @@ from export.onnx_export import export_clip, export_model_dir, find_onnx_dir  # n
 from export.specs import clip_graphs  # noqa: E402
 from fmrt.runtime.base import RuntimeLoadError  # noqa: E402
 
-WORDS = "a an the red green blue yellow circle square triangle small big left right of".split()
 EOT = 2  # shapes-vit-tiny's eot id (WordTokenizer: <pad>=0, <sot>=1, <eot>=2, <unk>=3)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from fmrt.models.tokenizer import WordTokenizer
-    from fmrt.preprocess import PreprocessConfig
-    from fmrt.pretrained import save_pretrained
+    from tests.helpers import make_model_dir
 
-    torch.manual_seed(0)
-    m = fmrt.create_model("shapes-vit-tiny")
-    with torch.no_grad():  # a non-trivial logit scale so classify() probabilities are peaky
-        m.logit_scale.fill_(np.log(50.0))
-    tk = WordTokenizer.build(WORDS)
-    d = str(tmp_path_factory.mktemp("models") / "tiny-clip")
-    save_pretrained(d, family="clip", model=m, config=m.config.to_dict(),
-                    preprocess=PreprocessConfig(64), tokenizer=tk)
-    return d
+    # a non-trivial logit scale so classify() probabilities are peaky
+    return make_model_dir(str(tmp_path_factory.mktemp("models") / "tiny-clip"), logit_scale=50.0)
 
 
 @pytest.fixture(scope="module")

@@ -25,26 +25,13 @@ pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
 
 import fmrt  # noqa: E402
-from fmrt.models.tokenizer import WordTokenizer  # noqa: E402
-from fmrt.preprocess import PreprocessConfig  # noqa: E402
-from fmrt.pretrained import save_pretrained  # noqa: E402
 from fmrt.serve.http import encode_image  # noqa: E402
+from tests.helpers import make_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-WORDS = "a photo of red green blue circle square triangle small large".split()
 LIMITS = {"max_image_bytes": 1_000_000, "max_body_bytes": 3_000_000}
 TIMEOUT = 60
-
-
-def _make_model(directory: str, seed: int, family: str = "clip") -> str:
-    import torch
-
-    torch.manual_seed(seed)
-    m = fmrt.create_model("shapes-coca-tiny" if family == "coca" else "shapes-vit-tiny")
-    tk = WordTokenizer.build(WORDS)
-    return save_pretrained(directory, family=family, model=m, config=m.config.to_dict(),
-                           preprocess=PreprocessConfig(64), tokenizer=tk)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +39,8 @@ def server(tmp_path_factory):
     from fmrt.serve.launcher import free_port, start_serve
 
     root = tmp_path_factory.mktemp("serve_models")
-    dirs = [_make_model(str(root / "tiny-a"), 0), _make_model(str(root / "tiny-b"), 1, "coca")]
+    dirs = [make_model_dir(str(root / "tiny-a"), seed=0),
+            make_model_dir(str(root / "tiny-b"), seed=1, family="coca")]
     session = start_serve(
         {"models": dirs, "backend": "torch", "max_batch_size": 32, "batch_wait_timeout_s": 0.02,
          "limits": LIMITS, "request_timeout_s": 30},

@@ -27,17 +27,9 @@ EOT = 2
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from fmrt.models.tokenizer import WordTokenizer
-    from fmrt.preprocess import PreprocessConfig
-    from fmrt.pretrained import save_pretrained
+    from tests.helpers import make_model_dir
 
-    torch.manual_seed(1)
-    m = fmrt.create_model("shapes-vit-tiny")
-    tk = WordTokenizer.build("a red blue green circle square triangle".split())
-    d = str(tmp_path_factory.mktemp("trt-models") / "tiny-clip")
-    save_pretrained(d, family="clip", model=m, config=m.config.to_dict(),
-                    preprocess=PreprocessConfig(64), tokenizer=tk)
-    return d
+    return make_model_dir(str(tmp_path_factory.mktemp("trt-models") / "tiny-clip"), seed=1)
 
 
 @pytest.fixture(scope="module")

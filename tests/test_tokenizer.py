@@ -445,3 +445,11 @@ def test_load_tokenizer_errors(tmp_path):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "kind": "mystery"}))
     with pytest.raises(TokenizerError, match="unknown tokenizer kind"):
         load_tokenizer(str(tmp_path))
+
+
+def test_word_decode_ids_past_vocabulary():
+    from fmrt.models.tokenizer import WordTokenizer
+
+    tk = WordTokenizer.build(["a", "red", "circle"])
+    ids = tk.encode("a red circle")
+    assert tk.decode(ids[:-1] + [tk.vocab_size + 5] + ids[-1:]) == "a red circle <unk>"

@@ -162,6 +162,9 @@ def test_coca_loss_and_gradients():
     torch.testing.assert_close(a[:, :4], b[:, :4])
     g = m.generate(x, sot_token_id=1, eot_token_id=2, max_length=6)
     assert g.shape[0] == 3 and g.shape[1] <= 6 and bool((g[:, 0] == 1).all())
+    # a tokenizer smaller than the head: generated ids stay inside it
+    g = m.generate(x, sot_token_id=1, eot_token_id=2, max_length=8, vocab_size=20)
+    assert int(g.max()) < 20
 
 
 def test_metrics():

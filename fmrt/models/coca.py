@@ -142,9 +142,11 @@ class CoCa(nn.Module):
 
     @torch.inference_mode()
     def generate(self, images: torch.Tensor, *, sot_token_id: int, eot_token_id: int,
-                 max_length: Optional[int] = None) -> torch.Tensor:
+                 max_length: Optional[int] = None, vocab_size: Optional[int] = None
+                 ) -> torch.Tensor:
         """Greedy captions: ``B x T`` ids starting with sot, ending with eot (or cut at
-        ``max_length``); rows that finished early are padded with eot."""
+        ``max_length``); rows that finished early are padded with eot. ``vocab_size``: only ids
+        below it are generated (the tokenizer's vocabulary may be smaller than the head)."""
         max_length = min(max_length or self.context_length, self.context_length)
         cap = self.caption_pool(self._image_tokens(images))
         out = torch.full((images.shape[0], 1), sot_token_id, dtype=torch.long,
@@ -153,7 +155,7 @@ class CoCa(nn.Module):
         # Re-running the short prefix each step costs O(T^2) tokens; with T <= 32 that is ~16x
         # one pass of a 2-layer decoder, cheaper than threading a KV cache through CLIP's tower.
         for _ in range(max_length - 1):
-            nxt = self.decode_logits(cap, out)[:, -1].argmax(-1)
+            nxt = self.decode_logits(cap, out)[:, -1, :vocab_size].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, eot_token_id), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
             done |= nxt == eot_token_id

@@ -154,7 +154,8 @@ class WordTokenizer(_Base):
 
     def _decode(self, ids: List[int]) -> str:
         # Rejoin words with spaces, glue punctuation/digits the way ShapesWorld writes them.
-        toks = [self._tk.id_to_token(i) for i in ids]
+        # Ids past the vocabulary (a model's embedding table is padded to 128) read as <unk>.
+        toks = [self._tk.id_to_token(i) or "<unk>" for i in ids]
         out = ""
         in_quotes = False  # a closing quote is followed by a space (x="12" y="40")
         for t in toks:

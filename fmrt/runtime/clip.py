@@ -193,7 +193,8 @@ class ClipRuntime:
         for i in range(0, pixels.shape[0], self.max_batch):
             ids = model.generate(pixels[i: i + self.max_batch],
                                  sot_token_id=self.tokenizer.sot_token_id,
-                                 eot_token_id=self.tokenizer.eot_token_id, max_length=max_length)
+                                 eot_token_id=self.tokenizer.eot_token_id, max_length=max_length,
+                                 vocab_size=self.tokenizer.vocab_size)
             out.extend(self.tokenizer.decode(row) for row in ids.tolist())
         return out
 
