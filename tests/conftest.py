@@ -11,6 +11,11 @@ import pytest
 # Exports and engines built by tests go to a throwaway cache, never the user's ~/.cache/fmrt.
 os.environ.setdefault("FMRT_CACHE_DIR", tempfile.mkdtemp(prefix="fmrt-test-cache-"))
 
+# Triton kernels run in the interpreter on CPU-only hosts. The flag is read when `@triton.jit`
+# decorates a kernel, so it must be set before any fmrt.kernels module is imported.
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def _cuda_available() -> bool:
     # The pinned torch is the CPU build, so also look for the device itself; tests that need
