@@ -1,0 +1,62 @@
+"""Small layers shared by SAM's components (same parameter names as segment-anything)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel dimension of a ``B x C x H x W`` tensor (ConvNeXt style).
+
+    segment-anything computes it by hand (mean, biased variance, ``eps=1e-6``); this does the same
+    arithmetic so the official weights reproduce the official outputs to float32 rounding.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class MLPBlock(nn.Module):
+    """``lin2(act(lin1(x)))``; ``act`` is ``"gelu"`` (image encoder) or ``"relu"`` (two-way
+    transformer)."""
+
+    def __init__(self, embedding_dim: int, mlp_dim: int, act: str = "gelu") -> None:
+        super().__init__()
+        if act not in ("gelu", "relu"):
+            raise ValueError(f"unknown activation {act!r}; expected 'gelu' or 'relu'")
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.act = nn.GELU() if act == "gelu" else nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (the decoder's hypernetwork MLPs and IoU
+    head; parameters ``layers.{i}.weight/bias`` as in segment-anything)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int,
+                 sigmoid_output: bool = False) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.num_layers = num_layers
+        h = [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + h, h + [output_dim]))
+        self.sigmoid_output = sigmoid_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < self.num_layers - 1 else layer(x)
+        return torch.sigmoid(x) if self.sigmoid_output else x

@@ -1,0 +1,147 @@
+"""SAM's mask decoder: a two-way transformer over [IoU token, 4 mask tokens, prompt tokens] and the
+image embedding, then per-mask hypernetwork MLPs whose outputs are dotted with a 4x upscaled image
+embedding, and an MLP head predicting each mask's IoU.
+
+Mask token 0 is the single-mask output (used when one unambiguous mask is wanted, e.g. with
+several points or a box); tokens 1..3 are the multimask outputs (whole / part / subpart for an
+ambiguous single click).
+
+The upscaling + projection step is isolated in ``MaskDecoder._upscale_and_project`` so that it
+can be switched to the fused kernel ``fmrt.kernels.decode_masks`` with one call.
+
+Parameter names match segment-anything's ``MaskDecoder`` (``iou_token``, ``mask_tokens``,
+``output_upscaling.{0,1,3}``, ``output_hypernetworks_mlps.{i}.layers.{j}``,
+``iou_prediction_head.layers.{j}``, ``transformer.*``).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from fmrt.models.sam.common import MLP, LayerNorm2d
+from fmrt.models.sam.two_way_transformer import TwoWayTransformer
+
+
+class MaskDecoder(nn.Module):
+    """Args:
+        transformer_dim: token / image-embedding channels (256 officially).
+        transformer: the ``TwoWayTransformer``.
+        num_multimask_outputs: ambiguity-resolving masks (3); one more token makes the single mask.
+        iou_head_depth, iou_head_hidden_dim: the IoU MLP (3 layers of 256 officially).
+    """
+
+    def __init__(self, *, transformer_dim: int, transformer: TwoWayTransformer,
+                 num_multimask_outputs: int = 3, iou_head_depth: int = 3,
+                 iou_head_hidden_dim: int = 256) -> None:
+        super().__init__()
+        if transformer_dim % 8:
+            raise ValueError(f"transformer_dim must be a multiple of 8 (upscaling to dim/8 "
+                             f"channels), got {transformer_dim}")
+        self.transformer_dim = transformer_dim
+        self.transformer = transformer
+        self.num_multimask_outputs = num_multimask_outputs
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        # Two stride-2 transposed convolutions: 4x the embedding grid (64 -> 256 officially),
+        # channels dim -> dim/4 -> dim/8 (256 -> 64 -> 32).
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens))
+        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens,
+                                       iou_head_depth)
+
+    # ------------------------------------------------------------------ pieces
+    def _upscale_and_project(self, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+        """The per-pixel mask head.
+
+        Args:
+            src: ``B x C x h x w`` image tokens after the two-way transformer.
+            hyper_in: ``B x M x C/8`` hypernetwork outputs of the M wanted mask tokens.
+        Returns:
+            ``B x M x 4h x 4w`` mask logits.
+
+        Plain torch; the fused ``fmrt.kernels.decode_masks`` computes the same thing per pixel
+        without materialising the ``B x C/8 x 4h x 4w`` upscaled embedding.
+        """
+        up = self.output_upscaling(src)
+        b, c, h, w = up.shape
+        return (hyper_in @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
+
+    def _run(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+             sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Transformer pass: returns (src ``B x C x h x w``, hyper_in ``B x 4 x C/8``,
+        iou_pred ``B x 4``)."""
+        bs = sparse_prompt_embeddings.shape[0]
+        c = self.transformer_dim
+        if sparse_prompt_embeddings.dim() != 3 or sparse_prompt_embeddings.shape[-1] != c:
+            raise ValueError(f"sparse prompt embeddings must be B x T x {c}, got "
+                             f"{tuple(sparse_prompt_embeddings.shape)}")
+        if image_embeddings.dim() != 4 or image_embeddings.shape[1] != c:
+            raise ValueError(f"image embeddings must be B x {c} x h x w, got "
+                             f"{tuple(image_embeddings.shape)}")
+        if image_embeddings.shape[0] not in (1, bs):
+            raise ValueError(f"image embeddings batch {image_embeddings.shape[0]} must be 1 "
+                             f"(shared by all prompts) or the prompt batch {bs}")
+        hw = tuple(image_embeddings.shape[-2:])
+        if tuple(dense_prompt_embeddings.shape[-3:]) != (c,) + hw or \
+                dense_prompt_embeddings.shape[0] not in (1, bs):
+            raise ValueError(f"dense prompt embeddings must be B x {c} x {hw[0]} x {hw[1]}, got "
+                             f"{tuple(dense_prompt_embeddings.shape)}")
+        if tuple(image_pe.shape[-3:]) != (c,) + hw:
+            raise ValueError(f"image_pe must be 1 x {c} x {hw[0]} x {hw[1]}, got "
+                             f"{tuple(image_pe.shape)}")
+
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(bs, -1, -1),
+                            sparse_prompt_embeddings], dim=1)
+        # One image embedding shared by every prompt (the predictor's case): expand, no copy,
+        # until the dense prompt is added.
+        src = image_embeddings.expand(bs, -1, -1, -1) + dense_prompt_embeddings
+        hs, keys = self.transformer(src, image_pe, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
+        src = keys.transpose(1, 2).reshape(bs, c, *hw)
+        hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :])
+                                for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        return src, hyper_in, self.iou_prediction_head(iou_token_out)
+
+    # ------------------------------------------------------------------ public
+    def predict_masks(self, *, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                      sparse_prompt_embeddings: torch.Tensor,
+                      dense_prompt_embeddings: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All ``num_mask_tokens`` masks: ``B x 4 x 4h x 4w`` logits and ``B x 4`` IoU
+        predictions (index 0 the single-mask output)."""
+        src, hyper_in, iou_pred = self._run(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                            dense_prompt_embeddings)
+        return self._upscale_and_project(src, hyper_in), iou_pred
+
+    def forward(self, *, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
+                multimask_output: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Predict masks for a batch of prompts.
+
+        Args:
+            image_embeddings: ``1 x C x h x w`` (shared by all prompts) or ``B x C x h x w``.
+            image_pe: ``1 x C x h x w`` dense positional encoding (``PromptEncoder.get_dense_pe``).
+            sparse_prompt_embeddings: ``B x T x C`` point/box tokens.
+            dense_prompt_embeddings: ``B x C x h x w`` mask-prompt (or no-mask) embeddings.
+            multimask_output: the 3 multimask outputs, else only the single-mask output.
+        Returns:
+            ``B x M x 4h x 4w`` low-res mask logits and ``B x M`` IoU predictions, M = 3 or 1.
+        """
+        src, hyper_in, iou_pred = self._run(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                            dense_prompt_embeddings)
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        # Only the wanted masks are projected: the per-mask dot products are independent.
+        return self._upscale_and_project(src, hyper_in[:, sel]), iou_pred[:, sel]
