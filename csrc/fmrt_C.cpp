@@ -19,6 +19,10 @@
 
 namespace py = pybind11;
 
+namespace fmrt::maskpost {
+void bind(py::module_& m);  // csrc/mask_post.cpp: SAM mask post-processing ops
+}
+
 namespace {
 
 // Any array-like -> C-contiguous ndarray of unchanged dtype (copies only if needed).
@@ -139,6 +143,7 @@ num_threads <= 0 uses the OpenMP default.)doc");
         py::arg("device") = 0,
         "Same contract as topk_ip, computed on a CUDA device (inputs are copied per call).");
 #endif
+  fmrt::maskpost::bind(m);
   m.def("has_cuda", &has_cuda, "True when built with CUDA and a CUDA device is visible.");
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in.");
   m.def("num_threads", &fmrt::default_num_threads, "Default OpenMP thread count.");

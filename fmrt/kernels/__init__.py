@@ -18,13 +18,22 @@ _EXPORTS = {
     "contrastive_loss": "contrastive",
     "contrastive_loss_reference": "contrastive",
     "topk_scores": "contrastive",
+    "topk_scores_reference": "contrastive",
     "gated_cross_attention": "gated_xattn",
     "gated_cross_attention_reference": "gated_xattn",
     "gated_ffn": "gated_xattn",
     "media_token_index": "gated_xattn",
+    "GatedCrossAttentionBlock": "gated_xattn",
     "decode_masks": "mask_decode",
     "decode_masks_reference": "mask_decode",
     "postprocess_masks": "mask_post",
+    "mask_stats": "mask_post",
+    "batched_nms": "mask_post",
+    "amg_postprocess_batch": "mask_post",
+    "mask_to_rle": "mask_post",
+    "rle_to_mask": "mask_post",
+    "rle_to_coco_string": "mask_post",
+    "coco_string_to_rle": "mask_post",
 }
 
 __all__ = sorted(_EXPORTS) + ["BACKENDS", "interpret_mode", "triton_available"]
