@@ -26,6 +26,11 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import time_ms  # noqa: E402  (shared CUDA-event timer)
 
 T, D, T_IMG, N_LAT, D_MEDIA, HEADS, DH = 2048, 1024, 4, 64, 1024, 8, 64
 IMAGE_POSITIONS = (0, 512, 1024, 1536)
@@ -86,26 +91,9 @@ def _ours_block(p, locs):
                                  to_out=p["to_out"], heads=HEADS, backend="triton")
 
 
-def _time_ms(fn, warmup: int = 3, iters: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_available():  # CPU smoke run of this script (interpreter, tiny shapes)
-        import time
 
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]  # median
+def _time_ms(fn, warmup: int = 3, iters: int = 20) -> float:
+    return time_ms(fn, warmup, iters)
 
 
 def _fwd_bwd(block, p, locs, grad):

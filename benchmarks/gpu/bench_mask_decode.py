@@ -20,6 +20,11 @@ from typing import List
 
 import torch
 import torch.nn.functional as F
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import time_ms  # noqa: E402  (shared CUDA-event timer)
 
 
 def _unfused(src, hyper, p, iou, select):
@@ -39,20 +44,9 @@ def _unfused(src, hyper, p, iou, select):
     return masks
 
 
+
 def _time_ms(fn, warmup: int = 5, iters: int = 30) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]                     # median
+    return time_ms(fn, warmup, iters)
 
 
 def _peak_mib(fn) -> float:
