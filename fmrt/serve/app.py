@@ -17,7 +17,12 @@ CLIP routes (JSON in, JSON out; errors are ``{"error": {"message", "type", "code
   "index", "embedding": [float]}]}``
 * ``POST /v1/classify``  ``{"model"?, "images": [b64], "labels": [str], "templates"?: [str],
   "top_k"?: int}`` -> ``{"model", "labels", "data": [{"index", "probs": [float, label order],
-  "predictions": [{"label", "index", "prob"}, sorted by prob]}]}``
+  "predictions": [{"label", "index", "prob"}, sorted by prob]}]}``; with ``"labelset": name``
+  (and ``"labelset_version"?``) instead of labels/templates, the stored class embeddings are used
+  (no label encoding) and the response adds ``"labelset": {"name", "version"}``
+* ``POST /v1/labelsets``  ``{"name", "model"?, "classes", "mode"?, "templates"?,
+  "descriptions"? | "description_source"?: "shapesworld"}`` -> 201 label-set metadata
+  (``fmrt.chain.labelsets``)
 * ``POST /v1/rank``  ``{"model"?, "query": str | "query_image": b64, "candidates": [str] |
   "images": [b64], "top_k"?: int}`` -> ``{"model", "query_type", "candidate_type",
   "scores": [float, input order], "data": [{"index", "score", "text"?}, sorted by score]}``
@@ -124,6 +129,9 @@ class AppArgs(BaseModel):
     load_kwargs: Dict[str, Any] = Field(default_factory=dict,
                                         description="extra fmrt.load() kwargs, e.g. "
                                                     "{device: cuda} for the torch backend")
+    labelset_dir: Optional[str] = Field(None, description="label-set store (fmrt.chain."
+                                                          "labelsets); None = FMRT_LABELSET_DIR "
+                                                          "or the cache default")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -188,7 +196,8 @@ class ClipEncoder:
 
     def __init__(self, model: str, backend: str = "torch", max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.005, num_threads: Optional[int] = None,
-                 load_kwargs: Optional[Dict[str, Any]] = None) -> None:
+                 load_kwargs: Optional[Dict[str, Any]] = None,
+                 labelset_dir: Optional[str] = None) -> None:
         from fmrt.runtime import load
         from fmrt.runtime.clip import ClipRuntime
 
@@ -210,6 +219,9 @@ class ClipEncoder:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fmrt-clip")
         self._stats = {"text": _BatchStats(), "image": _BatchStats()}
         self._started = time.time()
+        from fmrt.chain.labelsets import ServedLabelSets
+
+        self.labelsets = ServedLabelSets(served_name(model), labelset_dir)
 
     # ----------------------------------------------------------------- validation (per request)
     def _check_texts(self, texts: Any) -> List[str]:
@@ -297,6 +309,25 @@ class ClipEncoder:
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    # ----------------------------------------------------------------- label sets
+    async def create_labelset(self, spec: Dict[str, Any]) -> Dict[str, Any]:
+        """``spec``: ``fmrt.chain.labelsets.parse_create_request`` output; prompts are encoded
+        through the batched text encoder. Returns the label set's metadata."""
+        spec = dict(spec)
+        if spec.get("templates") is None and spec.get("mode") != "descriptions":
+            spec["templates"] = list(self.runtime.templates)  # the model's own ensemble
+        ls = await self.labelsets.create(self.embed_texts, **spec)
+        return ls.meta()
+
+    async def classify_labelset(self, images: List[np.ndarray], name: str,
+                                version: Optional[int] = None) -> Tuple[np.ndarray, List[str], int]:
+        """Zero-shot with stored class embeddings (no text encoding): ``(N x L probs, classes,
+        version)``."""
+        ls = self.labelsets.get(name, version)  # LabelSetNotFoundError / LabelSetError
+        emb = await self.embed_images(self._check_images(images))
+        probs = ls.classify(emb, self.labelsets.model, self.runtime.logit_scale)
+        return probs.astype(np.float32), list(ls.classes), int(ls.version)
 
     # ----------------------------------------------------------------- captioning
     async def caption(self, images: List[np.ndarray], max_length: Optional[int] = None
@@ -440,7 +471,8 @@ class ClipRoutes(FamilyRoutes):
         return [Route("POST", f"{p}/embeddings", self.embeddings),
                 Route("POST", f"{p}/classify", self.classify),
                 Route("POST", f"{p}/rank", self.rank),
-                Route("POST", f"{p}/captions", self.captions)]
+                Route("POST", f"{p}/captions", self.captions),
+                Route("POST", f"{p}/labelsets", self.labelsets)]
 
     async def _embed(self, handle, *, texts=None, images=None) -> np.ndarray:
         if texts is not None:
@@ -484,9 +516,12 @@ class ClipRoutes(FamilyRoutes):
     # ----------------------------------------------------------------- POST /v1/classify
     async def classify(self, request):
         body = await self.body(request)
-        H.check_keys(body, ["model", "images", "labels", "templates", "top_k"])
+        H.check_keys(body, ["model", "images", "labels", "templates", "top_k", "labelset",
+                            "labelset_version"])
         name, handle = self.select(body)
         raw = H.get_images(body, "images", self.limits, required=True)
+        if body.get("labelset") is not None:  # stored class embeddings: no label encoding
+            return await self._classify_labelset(body, name, handle, raw)
         labels = H.get_str_list(body, "labels", max_items=self.limits.max_labels, required=True,
                                 max_chars=self.limits.max_text_chars, what="labels")
         templates = H.get_str_list(body, "templates", max_items=self.limits.max_templates,
@@ -505,6 +540,41 @@ class ClipRoutes(FamilyRoutes):
                          "predictions": [{"label": labels[j], "index": int(j),
                                           "prob": float(row[j])} for j in order]})
         return H.json_response({"object": "list", "model": name, "labels": labels, "data": data})
+
+    async def _classify_labelset(self, body, name, handle, raw):
+        if body.get("labels") is not None or body.get("templates") is not None:
+            raise H.unprocessable("give either 'labelset' or 'labels'/'templates', not both")
+        ls_name = H.get_str(body, "labelset")
+        version = H.get_int(body, "labelset_version", lo=1)
+        images = await self.decode(raw, "images")
+        probs, labels, version = await self.call(
+            handle.classify_labelset.remote(images, ls_name, version))
+        top_k = H.get_int(body, "top_k", lo=1) or len(labels)
+        data = []
+        for i, row in enumerate(probs):
+            order = np.argsort(-row, kind="stable")[:top_k]
+            data.append({"index": i, "probs": row.tolist(),
+                         "predictions": [{"label": labels[j], "index": int(j),
+                                          "prob": float(row[j])} for j in order]})
+        return H.json_response({"object": "list", "model": name, "labels": labels,
+                                "labelset": {"name": ls_name, "version": version},
+                                "data": data})
+
+    # ----------------------------------------------------------------- POST /v1/labelsets
+    async def labelsets(self, request):
+        """``{"name", "model"?, "classes", "mode"?, "templates"?, "descriptions"? |
+        "description_source"?: "shapesworld", "description_style"?, "samples_per_prompt"?}``
+        -> the label set's metadata (``fmrt.chain.labelsets``)."""
+        from fmrt.chain.labelsets import parse_create_request
+
+        body = await self.body(request)
+        H.check_keys(body, ["name", "model", "classes", "mode", "templates", "descriptions",
+                            "description_source", "description_style", "samples_per_prompt"])
+        name, handle = self.select(body)
+        spec = await asyncio.to_thread(parse_create_request, body,
+                                       max_text_chars=self.limits.max_text_chars)
+        meta = await self.call(handle.create_labelset.remote(spec))
+        return H.json_response({"object": "labelset", "model": name, **meta}, 201)
 
     # ----------------------------------------------------------------- POST /v1/captions
     async def captions(self, request):
@@ -581,6 +651,12 @@ def map_exception(e: BaseException) -> H.HTTPError:
         return H.HTTPError(422, msg or "invalid image", "invalid_image")
     if isinstance(cause, (ClassifyInputError, TokenizerError)):
         return H.unprocessable(msg or "invalid input")
+    from fmrt.chain.labelsets import LabelSetError, LabelSetNotFoundError
+
+    if isinstance(cause, LabelSetNotFoundError):
+        return H.not_found(msg or "label set not found", "labelset_not_found")
+    if isinstance(cause, LabelSetError):
+        return H.unprocessable(msg or "invalid label set request")
     name = type(cause).__name__
     try:
         from ray.serve.exceptions import BackPressureError
@@ -687,7 +763,7 @@ def _bind_clip(model: str, name: str, args: AppArgs, backend: str) -> Applicatio
         logging_config={"enable_access_log": args.access_log},
     ).bind(model, backend=backend, max_batch_size=args.max_batch_size,
            batch_wait_timeout_s=args.batch_wait_timeout_s, num_threads=args.num_threads,
-           load_kwargs=dict(args.load_kwargs))
+           load_kwargs=dict(args.load_kwargs), labelset_dir=args.labelset_dir)
 
 
 # family -> callable(model name or dir, served name, args, backend) -> bound deployment
