@@ -53,6 +53,36 @@ def register_checkpoint_loader(family: str):
     return deco
 
 
+# Hugging Face config.json "model_type" -> family whose loader reads such directories
+_HF_MODEL_TYPES: Dict[str, str] = {}
+
+
+def register_hf_model_type(model_type: str, family: str) -> None:
+    """Route ``create_model(None, checkpoint=dir)`` for a Hugging Face directory whose
+    config.json has this ``model_type`` to ``family``'s checkpoint loader."""
+    _HF_MODEL_TYPES[model_type] = family
+
+
+def _checkpoint_family(checkpoint: str) -> Optional[str]:
+    """Family a model directory names in its config.json (fmrt ``family`` or HF ``model_type``)."""
+    import json
+    import os
+
+    cfg_path = os.path.join(os.fspath(checkpoint), "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None  # the family's loader reports unreadable files
+    if not isinstance(cfg, dict):
+        return None
+    if cfg.get("family") in _CHECKPOINT_LOADERS:
+        return cfg["family"]
+    return _HF_MODEL_TYPES.get(cfg.get("model_type"))
+
+
 def _ensure_populated() -> None:
     # Importing the model packages runs their @register_model decorators.
     import fmrt.models  # noqa: F401
@@ -95,7 +125,8 @@ def create_model(name: Optional[str] = None, checkpoint: Optional[str] = None, *
         if name is None:
             raise ValueError("create_model needs a model name or a checkpoint path")
         return get_model_entry(name).factory(**kwargs)
-    fam = get_model_entry(name).family if name is not None else (family or "clip")
+    fam = get_model_entry(name).family if name is not None else (
+        family or _checkpoint_family(checkpoint) or "clip")
     loader = _CHECKPOINT_LOADERS.get(fam)
     if loader is None:
         raise ValueError(f"no checkpoint loader registered for family {fam!r}")
