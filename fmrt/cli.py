@@ -11,6 +11,8 @@ from typing import List, Optional
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    if a.family == "sam":
+        return _cmd_train_sam(a)
     from fmrt.train.contrastive import TrainConfig, train
 
     defaults = TrainConfig(family=a.family)
@@ -29,10 +31,39 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(a: argparse.Namespace) -> int:
-    from fmrt.train.evaluate import evaluate, format_report
+def _cmd_train_sam(a: argparse.Namespace) -> int:
+    from fmrt.train.sam import SamTrainConfig, train
 
-    reports = [evaluate(m, backend=a.backend, n=a.n, seed=a.seed) for m in a.models]
+    d = SamTrainConfig()
+    cfg = SamTrainConfig(
+        arch=a.arch or d.arch, out_dir=a.out or "runs/shapes-sam", steps=a.steps or d.steps,
+        batch_size=a.batch_size or d.batch_size, lr=a.lr or d.lr,
+        warmup=a.warmup if a.warmup is not None else d.warmup, seed=a.seed, threads=a.threads,
+        resume=not a.no_resume, ckpt_every=a.ckpt_every,
+        max_prompts_per_image=a.max_prompts_per_image or d.max_prompts_per_image,
+        correction_iters=(a.correction_iters if a.correction_iters is not None
+                          else d.correction_iters))
+    out = train(cfg, eval_n=a.eval_n)
+    print(json.dumps({"model_dir": out}))
+    return 0
+
+
+def _eval_one(m: str, a: argparse.Namespace):
+    from fmrt.pretrained import read_config
+
+    if read_config(m).get("family") == "sam":  # SAM: mask IoU on test scenes (torch)
+        from fmrt.train.sam import evaluate_sam_model
+
+        return evaluate_sam_model(m, n=a.n, seed=a.seed)
+    from fmrt.train.evaluate import evaluate
+
+    return evaluate(m, backend=a.backend, n=a.n, seed=a.seed)
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from fmrt.train.evaluate import format_report
+
+    reports = [_eval_one(m, a) for m in a.models]
     print(format_report(reports))
     if a.json:
         with open(a.json, "w") as f:
@@ -123,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a model on ShapesWorld")
-    t.add_argument("family", choices=["clip", "negclip", "coca"])
+    t.add_argument("family", choices=["clip", "negclip", "coca", "sam"])
     t.add_argument("--out", help="run directory (checkpoints + final model/)")
     t.add_argument("--arch", help="registered architecture (default per family)")
     t.add_argument("--init", help="start from a model dir or bundled name (negclip)")
@@ -139,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int)
     t.add_argument("--ckpt-every", type=int, default=250)
     t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--max-prompts-per-image", type=int, help="sam: objects prompted per image")
+    t.add_argument("--correction-iters", type=int, help="sam: corrective-click rounds per step")
+    t.add_argument("--eval-n", type=int, default=0,
+                   help="sam: evaluate on this many test scenes at the end (provenance)")
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate models on the ShapesWorld test split")
