@@ -47,6 +47,7 @@ class TrainConfig:
     single_prob: float = 0.3           # fraction of one-object scenes (zero-shot needs them)
     hard_negatives: int = 0            # hard negatives per caption on the text side (NegCLIP)
     hard_negative_weight: float = 1.0  # weight of the per-image ranking term (with negatives)
+    mirror_prob: float = 0.0           # share of left/right relation captions given a mirrored twin
     ckpt_every: int = 250
     threads: Optional[int] = None
     resume: bool = True
@@ -92,7 +93,7 @@ class ShapesCaptionStream:
         cfg, world = self.cfg, self.world
         R = as_rng(np.random.default_rng([self.base_seed, cfg.seed, step]))
         k = max(1, cfg.hard_negatives)
-        scenes, caps, negs, structs, neg_structs = [], [], [], [], []
+        scenes, caps, negs, structs, neg_structs, flips = [], [], [], [], [], []
         while len(scenes) < cfg.batch_size:
             sc = world.sample_scene(R, num_objects=1 if R.u() < cfg.single_prob else None)
             try:
@@ -108,13 +109,63 @@ class ShapesCaptionStream:
             caps.append(text)
             negs.append([str(n) for n in neg])
             neg_structs.extend(neg)
+            flips.append(False)
+            if (cfg.mirror_prob and len(scenes) < cfg.batch_size and R.u() < cfg.mirror_prob
+                    and cap.kind == "relation"):
+                twin = mirror_twin(sc, cap, R, k if cfg.hard_negatives else 1)
+                if twin is not None:
+                    msc, mcap, mneg = twin
+                    scenes.append(msc)
+                    structs.append(mcap)
+                    caps.append(str(mcap))
+                    negs.append([str(n) for n in mneg])
+                    neg_structs.extend(mneg)
+                    flips.append(True)
         # Which captions are true of which images (a template does not change the truth). With
         # hard negatives the columns continue over them: a negative of caption j is false of
         # image j but may be true of another image of the batch.
         columns = structs + (neg_structs if cfg.hard_negatives else [])
         positives = np.array([[is_true(sc, c) for c in columns] for sc in scenes])
-        return {"images": render_batch(scenes), "captions": caps, "hard_negatives": negs,
+        images = render_batch(scenes)
+        for i, flip in enumerate(flips):
+            if flip:  # the twin's pixels are exactly the mirrored original (see mirror_twin)
+                images[i] = images[i - 1][:, ::-1]
+        return {"images": images, "captions": caps, "hard_negatives": negs,
                 "positives": positives}
+
+
+_MIRROR_WORDS = {"left": "right", "right": "left"}
+
+
+def mirror_twin(scene, caption, rng, k: int):
+    """The left-right mirror of ``scene`` with ``caption`` mirrored ("left" <-> "right") and
+    ``k`` hard negatives of its own, or None when the caption has no left/right relation or the
+    twin lacks ``k`` negatives.
+
+    Why: NegCLIP's negatives live on the text side only, and a text tower trained on
+    ShapesWorld reads "left" and "right" as the same word (relation swaps score at chance,
+    0.49) while the image tower barely separates an image from its mirror (0.57): neither side
+    gets a gradient until the other moves. A mirrored twin in the same batch is an image-side
+    hard negative: its caption is false of the original image and vice versa, so the
+    text->image direction must tell the two images apart. Every ShapesWorld shape is symmetric
+    about the vertical axis, so the twin's pixels are the original's flipped (the caller does
+    that) and its objects are the originals with x mirrored."""
+    import dataclasses
+
+    from fmrt.data import parse_caption
+    from fmrt.data.language import hard_negatives
+
+    words = str(caption).split()
+    if not any(w in _MIRROR_WORDS for w in words):
+        return None
+    size = scene.image_size
+    objs = [dataclasses.replace(o, center=(size - o.center[0], o.center[1]),
+                                box=(size - o.box[2], o.box[1], size - o.box[0], o.box[3]))
+            for o in scene.objects]
+    msc = dataclasses.replace(scene, objects=objs)
+    mcap = parse_caption(" ".join(_MIRROR_WORDS.get(w, w) for w in words))
+    mneg = hard_negatives(msc, mcap, rng, k)
+    return (msc, mcap, mneg) if len(mneg) == k else None
 
 
 def canonical_command(argv: List[str]) -> Optional[str]:
