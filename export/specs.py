@@ -84,3 +84,109 @@ def clip_graphs(*, image_size: int, context_length: int, embed_dim: int) -> Dict
             inputs=(TensorSpec("input_ids", "int64", (BATCH, context_length)),),
             outputs=(TensorSpec("text_embeds", "float32", (BATCH, embed_dim)),)),
     }
+
+
+@dataclass(frozen=True)
+class MultiAxisGraphSpec(GraphSpec):
+    """A graph whose inputs do not share one leading batch axis (SAM's prompt decoder: one image
+    embedding ``[1, C, h, w]`` for ``batch`` prompts of ``num_points`` points each).
+
+    Every named axis must take one value across all inputs that carry it. ``axis_profiles``
+    gives the TensorRT (min, opt, max) of the named axes other than ``batch``;
+    ``concrete_shape(t, b)`` with ``b`` = the min / opt / max of ``batch_profile`` gives those
+    axes their min / opt / max (``export.tensorrt_build`` builds one profile from these three
+    calls, so keep the ``batch_profile`` values distinct).
+    """
+
+    axis_profiles: Tuple[Tuple[str, Tuple[int, int, int]], ...] = ()
+
+    def axis_profile(self, axis: str) -> Tuple[int, int, int]:
+        if axis == BATCH:
+            return self.batch_profile
+        for name, prof in self.axis_profiles:
+            if name == axis:
+                return prof
+        raise KeyError(f"{self.name}: no profile for axis {axis!r}")
+
+    def validate_inputs(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        feed: Dict[str, np.ndarray] = {}
+        seen: Dict[str, Tuple[int, str]] = {}
+        for t in self.inputs:
+            if t.name not in inputs:
+                raise KeyError(f"{self.name}: missing input {t.name!r}; got {sorted(inputs)}")
+            x = np.ascontiguousarray(inputs[t.name], dtype=t.np_dtype)
+            if x.ndim != len(t.shape) or any(not isinstance(s, str) and d != s
+                                             for d, s in zip(x.shape, t.shape)):
+                raise ValueError(f"{self.name}: {t.name} has shape {x.shape}, expected {t.shape}")
+            for d, s in zip(x.shape, t.shape):
+                if isinstance(s, str):
+                    if s in seen and seen[s][0] != d:
+                        raise ValueError(f"{self.name}: axis {s!r} is {seen[s][0]} in "
+                                         f"{seen[s][1]} but {d} in {t.name}")
+                    seen.setdefault(s, (d, t.name))
+            feed[t.name] = x
+        return feed
+
+    def concrete_shape(self, spec: TensorSpec, batch: int) -> Tuple[int, ...]:
+        pos = self.batch_profile.index(batch) if batch in self.batch_profile else 1
+        out = []
+        for d in spec.shape:
+            if d == BATCH:
+                out.append(batch)
+            elif isinstance(d, str):
+                out.append(self.axis_profile(d)[pos])
+            else:
+                out.append(d)
+        return tuple(out)
+
+
+SAM_NUM_POINTS = "num_points"
+# TensorRT profiles of SAM's prompt decoder: up to 64 prompts per call (the automatic mask
+# generator's default points_per_batch), optimised for 16; up to 16 points per prompt, optimised
+# for 2 (one click + the padding point, the generator's case).
+SAM_PROMPT_PROFILE = (1, 16, 64)
+SAM_POINTS_PROFILE = (1, 2, 16)
+
+
+def sam_graphs(*, img_size: int, embed_dim: int, embed_size: int, num_masks: int = 4
+               ) -> Dict[str, GraphSpec]:
+    """Segment Anything's graphs.
+
+    * ``image_encoder``: ``pixel_values`` ``[batch, 3, S, S]`` (resized so the longest side is
+      ``S = img_size``, normalised with the model's pixel mean/std, zero-padded right/bottom) ->
+      ``image_embeddings`` ``[batch, C, h, h]``.
+    * ``mask_decoder``: segment-anything's ONNX decoder contract (``SamOnnxModel``, all
+      ``num_masks`` = 4 masks, index 0 the single-mask output): ``image_embeddings``
+      ``[1, C, h, h]``, ``point_coords`` ``[batch, num_points, 2]`` (x, y in pixels of the
+      resized input frame), ``point_labels`` ``[batch, num_points]`` (float: -1 padding, 0 negative,
+      1 positive, 2 / 3 box top-left / bottom-right), ``mask_input`` ``[1, 1, 4h, 4h]`` low-res
+      logits, ``has_mask_input`` ``[1]`` (0 or 1), ``orig_im_size`` ``[2]`` (H, W as floats) ->
+      ``masks`` ``[batch, 4, H, W]`` logits at the original size, ``iou_predictions``
+      ``[batch, 4]``, ``low_res_masks`` ``[batch, 4, 4h, 4h]``. segment-anything fixes
+      ``batch`` = 1; here a batch of prompts (same point count) shares the image embedding.
+    * ``mask_decoder_lowres``: the same graph without ``orig_im_size`` / ``masks`` (what the
+      predictor runs on every backend; the resize to the original size is done on the host).
+    """
+    h, m = embed_size, 4 * embed_size
+    enc = GraphSpec(
+        "image_encoder",
+        inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, img_size, img_size)),),
+        outputs=(TensorSpec("image_embeddings", "float32", (BATCH, embed_dim, h, h)),),
+        batch_profile=(1, 1, 4))
+    prompts = (TensorSpec("image_embeddings", "float32", (1, embed_dim, h, h)),
+               TensorSpec("point_coords", "float32", (BATCH, SAM_NUM_POINTS, 2)),
+               TensorSpec("point_labels", "float32", (BATCH, SAM_NUM_POINTS)),
+               TensorSpec("mask_input", "float32", (1, 1, m, m)),
+               TensorSpec("has_mask_input", "float32", (1,)))
+    iou = TensorSpec("iou_predictions", "float32", (BATCH, num_masks))
+    low = TensorSpec("low_res_masks", "float32", (BATCH, num_masks, m, m))
+    axes = ((SAM_NUM_POINTS, SAM_POINTS_PROFILE),)
+    dec = MultiAxisGraphSpec(
+        "mask_decoder",
+        inputs=prompts + (TensorSpec("orig_im_size", "float32", (2,)),),
+        outputs=(TensorSpec("masks", "float32", (BATCH, num_masks, "orig_height", "orig_width")),
+                 iou, low),
+        batch_profile=SAM_PROMPT_PROFILE, axis_profiles=axes)
+    low_dec = MultiAxisGraphSpec("mask_decoder_lowres", inputs=prompts, outputs=(iou, low),
+                                 batch_profile=SAM_PROMPT_PROFILE, axis_profiles=axes)
+    return {"image_encoder": enc, "mask_decoder": dec, "mask_decoder_lowres": low_dec}
