@@ -74,7 +74,7 @@ def model_family(name_or_path: str) -> str:
 
 # model family (fmrt.pretrained config) -> the route family that serves it. CoCa is a CLIP with a
 # caption decoder: ``ClipRuntime`` drives both, so CoCa models get the CLIP routes.
-ROUTE_FAMILY: Dict[str, str] = {"clip": "clip", "coca": "clip"}
+ROUTE_FAMILY: Dict[str, str] = {"clip": "clip", "coca": "clip", "sam": "sam"}
 
 
 def default_models(family: str = "clip") -> List[str]:
@@ -107,9 +107,9 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    models: List[str] = Field(default_factory=lambda: default_models("clip"),
-                              description="bundled names or model directories; empty = every "
-                                          "bundled CLIP-family model; the first is the default")
+    models: List[str] = Field(default_factory=lambda: default_models("clip") + default_models(
+                              "sam"), description="bundled names or model directories; empty = "
+                              "every bundled CLIP-family and SAM model; the first is the default")
     backend: Optional[str] = Field(None, description="torch | onnxruntime | tensorrt; "
                                                      "None = onnxruntime if importable else torch")
     max_batch_size: int = Field(32, ge=1, le=4096, description="items (texts or images) per "
@@ -132,6 +132,8 @@ class AppArgs(BaseModel):
     labelset_dir: Optional[str] = Field(None, description="label-set store (fmrt.chain."
                                                           "labelsets); None = FMRT_LABELSET_DIR "
                                                           "or the cache default")
+    sam_cache_bytes: int = Field(256 << 20, ge=1, description="SAM image-embedding cache budget "
+                                                              "per encoder replica (LRU)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -777,7 +779,7 @@ def build_app(args: AppArgs) -> Application:
     ``args`` may be an ``AppArgs`` or a plain dict (what a Serve config file's ``args:`` gives)."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(dict(args or {}))
-    models = list(args.models) or default_models()
+    models = list(args.models) or default_models() + default_models("sam")
     if not models:
         raise ValueError("no models to serve: none given and no bundled CLIP-family model in "
                          "fmrt/weights")
@@ -800,6 +802,10 @@ def build_app(args: AppArgs) -> Application:
 
 # A Serve config file's `import_path` may name either (both take one AppArgs/dict argument).
 build_app_from_args = build_app
+
+# Families whose deployments and routes live in their own module register themselves on import
+# (FAMILY_BINDERS / FAMILY_ROUTES); imported here so the ingress replica sees them too.
+from fmrt.serve import sam as _sam  # noqa: E402,F401
 
 __all__ = ["AppArgs", "build_app", "build_app_from_args", "ClipEncoder", "Ingress",
            "FamilyRoutes", "ClipRoutes", "Route", "register_family_routes", "FAMILY_ROUTES",
