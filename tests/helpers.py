@@ -30,3 +30,18 @@ def make_model_dir(path: str, *, family: str = "clip", seed: int = 0,
     return save_pretrained(path, family=family, model=m, config=m.config.to_dict(),
                            preprocess=pre, tokenizer=tk,
                            extra={"zero_shot_templates": list(TEMPLATES[:3])})
+
+
+def segment_anything_root() -> "str | None":
+    """Directory of the installed ``segment_anything`` package (test extra), or None.
+
+    Searched on ``sys.path`` without importing it and without consulting ``sys.modules``: its
+    ``__init__`` imports torchvision (absent by design), and tests register stub or
+    partially-imported ``segment_anything`` packages, whose missing ``__spec__`` makes
+    ``importlib.util.find_spec`` raise."""
+    import importlib.machinery
+
+    spec = importlib.machinery.PathFinder.find_spec("segment_anything")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import segment_anything_root
+
 from fmrt.kernels import mask_decode as md
 from fmrt.kernels import decode_masks, decode_masks_reference
 
@@ -326,10 +328,10 @@ def test_onnx_export_runs_in_onnxruntime(select, tmp_path):
 def _load_sam_mask_decoder():
     """segment_anything.modeling.mask_decoder without the package __init__ (which imports the
     absent torchvision): a private package object whose submodules load by file path."""
-    spec = importlib.util.find_spec("segment_anything")
-    if spec is None or not spec.submodule_search_locations:
+    sa_root = segment_anything_root()
+    if sa_root is None:
         pytest.skip("segment-anything is not installed")
-    root = os.path.join(list(spec.submodule_search_locations)[0], "modeling")
+    root = os.path.join(sa_root, "modeling")
     pkg_name = "_fmrt_test_sam.modeling"
     if pkg_name + ".mask_decoder" in sys.modules:
         return sys.modules[pkg_name + ".mask_decoder"]

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from fmrt import _native
+from tests.helpers import segment_anything_root
 from fmrt.kernels import mask_post as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_C = _native._C is not None and hasattr(_native._C, "mask_stats")
-SA_SPEC = importlib.util.find_spec("segment_anything")
-SA_DIR = Path(SA_SPEC.submodule_search_locations[0]) if SA_SPEC else None
+SA_DIR = Path(segment_anything_root()) if segment_anything_root() else None
 needs_sa = pytest.mark.skipif(SA_DIR is None, reason="segment-anything is not installed (test extra)")
 # pycocotools 2.x vs NumPy 2 (inside pycocotools.mask.decode), not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

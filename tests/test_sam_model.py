@@ -19,6 +19,8 @@ import pytest
 import torch
 
 import fmrt
+
+from tests.helpers import segment_anything_root
 from fmrt.models.attention import attention_backend
 from fmrt.models.clip_checkpoint import CheckpointError
 from fmrt.models.sam import (SAM_CONFIGS, Sam, SamConfig, config_from_state_dict,
@@ -33,10 +35,9 @@ def _official_modeling() -> types.ModuleType:
     """``segment_anything.modeling`` without running ``segment_anything/__init__.py``."""
     if "segment_anything.modeling.sam" in sys.modules:
         return sys.modules["segment_anything.modeling"]
-    spec = importlib.util.find_spec("segment_anything")
-    if spec is None or not spec.submodule_search_locations:
+    root = segment_anything_root()
+    if root is None:
         pytest.skip("segment-anything is not installed")
-    root = list(spec.submodule_search_locations)[0]
     for name, path in (("segment_anything", root),
                        ("segment_anything.modeling", os.path.join(root, "modeling"))):
         if name not in sys.modules:

@@ -20,6 +20,8 @@ from collections import deque
 from functools import partial
 
 import numpy as np
+
+from tests.helpers import segment_anything_root
 import pytest
 import torch
 
@@ -107,7 +109,7 @@ def _cv2_stub() -> types.ModuleType:
 @pytest.fixture(scope="module")
 def sa():
     """The segment_anything package, imported with stub torchvision / cv2."""
-    if importlib.util.find_spec("segment_anything") is None:
+    if segment_anything_root() is None:
         pytest.skip("segment-anything is not installed (test extra)")
     from PIL import Image
 
