@@ -16,6 +16,9 @@ and holes are removed (``min_mask_region_area``).
 Differences in *how*, not *what*:
   * the IoU filter runs on the low-res logits, before the (dominant) upscaling to the crop size,
     so only surviving masks are resized (the filter is per mask, so the survivors are the same);
+    on the torch backend it runs even before the decoder's mask head: the IoU head needs only
+    the transformer's tokens, so the upscaling + hypernetwork product is computed only for the
+    prompts with a mask above ``pred_iou_thresh`` (``_decode_iou_first``);
   * after the model everything runs through ``fmrt.kernels.mask_post``'s native ops: one pass
     per mask for the stability score, box, area and COCO RLE (``amg_postprocess_batch``), C++
     NMS (``batched_nms``), C++ compressed-RLE strings (``RLEBatch.to_coco``);
@@ -339,15 +342,24 @@ class SamAutomaticMaskGenerator:
         p = self.predictor
         coords = apply_coords(points, im_size, p.img_size)[:, None, :]
         labels = np.ones(coords.shape[:2], np.float32)
-        iou, low = p.decode_lowres(coords, labels, multimask_output=True, image_state=state)
+        fast = self._decode_iou_first(state, coords)
+        if fast is not None:
+            iou, low, rows = fast
+        else:
+            iou, low = p.decode_lowres(coords, labels, multimask_output=True, image_state=state)
+            rows = torch.arange(iou.shape[0])
         n_masks = iou.shape[1]
-        iou_flat, low_flat = iou.reshape(-1), low.flatten(0, 1)
+        iou_flat = iou.reshape(-1)
         idx = torch.arange(iou_flat.numel())
         if self.pred_iou_thresh > 0.0:
             idx = idx[iou_flat > self.pred_iou_thresh]
         if idx.numel() == 0:
             return _empty(crop_box, orig_size)
-        logits = p.postprocess_masks(low_flat[idx].unsqueeze(1), image_state=state)[:, 0]
+        # low holds the masks of the prompts in ``rows`` only (all prompts without the fast path)
+        pos = torch.full((iou.shape[0],), -1, dtype=torch.int64)
+        pos[rows] = torch.arange(rows.numel())
+        low_sel = low[pos[idx // n_masks], idx % n_masks]
+        logits = p.postprocess_masks(low_sel.unsqueeze(1), image_state=state)[:, 0]
         res = amg_postprocess_batch(
             logits, iou_flat[idx], pred_iou_thresh=0.0,
             stability_score_thresh=self.stability_score_thresh,
@@ -357,6 +369,61 @@ class SamAutomaticMaskGenerator:
         pts = torch.from_numpy(np.repeat(points, n_masks, axis=0)).to(torch.float64)[kept]
         return {"rles": res.rles, "boxes": res.boxes.cpu(), "iou_preds": res.iou_preds.cpu(),
                 "stability_score": res.stability_score.cpu(), "points": pts}
+
+    def _decode_iou_first(self, state, coords: np.ndarray):
+        """Torch backend, IoU filter on: run the two-way transformer and the IoU head for all
+        prompts, then the mask head (upscaling + hypernetwork product, about 40% of the decoder
+        on shapes-sam) only for the prompts with a multimask output above ``pred_iou_thresh``
+        (with the trained shapes-sam at 0.88, ~1 prompt in 4 on ShapesWorld scenes). The same
+        calls as ``TorchPromptDecoder.decode`` on a subset of the batch, so the kept logits are
+        the ones ``decode_lowres`` returns. Returns (iou [B, 3], low-res logits [B', 3, 4h, 4w]
+        of the kept prompts, their indices [B']) or None where this does not apply."""
+        from fmrt.runtime.sam import TorchPromptDecoder
+
+        p = self.predictor
+        eng = p.engines.get("mask_decoder_lowres")
+        if self.pred_iou_thresh <= 0.0 or type(eng) is not TorchPromptDecoder or \
+                p.max_points is not None:
+            return None
+        mod, dev = eng.module, eng.device
+        batch = coords.shape[0]
+        # _contract_prompts' layout without a box: the point, then a padding point (label -1)
+        c = torch.from_numpy(np.concatenate([coords.astype(np.float32),
+                                             np.zeros((batch, 1, 2), np.float32)], axis=1))
+        lab = torch.from_numpy(np.concatenate([np.ones((batch, 1), np.float32),
+                                               np.full((batch, 1), -1.0, np.float32)], axis=1))
+        emb = torch.from_numpy(state.embedding).to(dev)
+        ious, lows, rows = [], [], []
+        step = p.max_prompts_per_call
+        with torch.inference_mode():
+            for i in range(0, batch, step):
+                sparse = mod.embed_points(c[i: i + step].to(dev), lab[i: i + step].to(dev))
+                dense = mod.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                    1, -1, *emb.shape[-2:])
+                src, hyper_in, iou = mod.mask_decoder._run(emb.to(mod.dtype), mod.image_pe,
+                                                           sparse, dense)
+                keep = torch.nonzero((iou[:, 1:].float() > self.pred_iou_thresh).any(1))[:, 0]
+                ious.append(iou[:, 1:].float().cpu())
+                rows.append(keep.cpu() + i)
+                if keep.numel() == 0:
+                    continue
+                src, hyper_in, iou = src[keep], hyper_in[keep], iou[keep]
+                if eng.fused:
+                    from fmrt.kernels import decode_masks
+                    from fmrt.kernels.mask_decode import upscaling_params
+
+                    low = decode_masks(src, hyper_in,
+                                       **upscaling_params(mod.mask_decoder.output_upscaling),
+                                       iou_pred=iou, select="multimask",
+                                       backend=eng.kernel_backend).masks
+                else:
+                    low = mod.mask_decoder._upscale_and_project(src, hyper_in[:, 1:])
+                lows.append(low.float().cpu())
+        iou = torch.cat(ious)
+        rows = torch.cat(rows)
+        h = 4 * emb.shape[-2]
+        low = torch.cat(lows) if lows else torch.zeros(0, iou.shape[1], h, 4 * emb.shape[-1])
+        return iou, low, rows
 
     # ------------------------------------------------------------------ small regions
     @staticmethod

@@ -106,12 +106,18 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(bs, -1, -1),
                             sparse_prompt_embeddings], dim=1)
         # One image embedding shared by every prompt (the predictor's case): expand, no copy,
-        # until the dense prompt is added.
-        src = image_embeddings.expand(bs, -1, -1, -1) + dense_prompt_embeddings
+        # until the dense prompt is added. With one dense prompt too (no mask prompt: the
+        # no-mask embedding) the sum stays batch 1 at inference and the transformer computes
+        # its first layer's image-side projections once for all prompts.
+        if not self.training and image_embeddings.shape[0] == 1 and \
+                dense_prompt_embeddings.shape[0] == 1:
+            src = image_embeddings + dense_prompt_embeddings
+        else:
+            src = image_embeddings.expand(bs, -1, -1, -1) + dense_prompt_embeddings
         hs, keys = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
-        src = keys.transpose(1, 2).reshape(bs, c, *hw)
+        src = keys.expand(bs, -1, -1).transpose(1, 2).reshape(bs, c, *hw)
         hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :])
                                 for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         return src, hyper_in, self.iou_prediction_head(iou_token_out)
