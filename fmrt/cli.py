@@ -13,6 +13,10 @@ from typing import List, Optional
 def _cmd_train(a: argparse.Namespace) -> int:
     if a.family == "sam":
         return _cmd_train_sam(a)
+    if a.family == "llava":
+        return _cmd_train_llava(a)
+    if a.family == "flamingo":
+        return _cmd_train_flamingo(a)
     from fmrt.train.contrastive import TrainConfig, train
 
     defaults = TrainConfig(family=a.family)
@@ -24,8 +28,37 @@ def _cmd_train(a: argparse.Namespace) -> int:
         hard_negatives=a.hard_negatives if a.hard_negatives is not None else defaults.hard_negatives,
         threads=a.threads, resume=not a.no_resume, ckpt_every=a.ckpt_every,
         single_prob=a.single_prob if a.single_prob is not None else defaults.single_prob,
+        mirror_prob=a.mirror_prob if a.mirror_prob is not None else defaults.mirror_prob,
         hard_negative_weight=(a.hard_negative_weight if a.hard_negative_weight is not None
                               else defaults.hard_negative_weight))
+    out = train(cfg)
+    print(json.dumps({"model_dir": out}))
+    return 0
+
+
+def _cmd_train_llava(a: argparse.Namespace) -> int:
+    from fmrt.train.llava import LlavaTrainConfig, train
+
+    cfg = LlavaTrainConfig(
+        stage=a.stage, arch=a.arch or "shapes-llava-tiny", init_from=a.init,
+        out_dir=a.out or f"runs/shapes-llava-s{a.stage}", steps=a.steps or 0,
+        batch_size=a.batch_size or 32, lr=a.lr or 0.0,
+        warmup=a.warmup if a.warmup is not None else 30, seed=a.seed, threads=a.threads,
+        resume=not a.no_resume, ckpt_every=a.ckpt_every)
+    out = train(cfg)
+    print(json.dumps({"model_dir": out}))
+    return 0
+
+
+def _cmd_train_flamingo(a: argparse.Namespace) -> int:
+    from fmrt.train.flamingo import FlamingoTrainConfig, train
+
+    d = FlamingoTrainConfig()
+    cfg = FlamingoTrainConfig(
+        out_dir=a.out or d.out_dir, lm_from=a.lm_from, lm_steps=a.lm_steps or d.lm_steps,
+        steps=a.steps or d.steps, batch_size=a.batch_size or d.batch_size, lr=a.lr or d.lr,
+        warmup=a.warmup if a.warmup is not None else d.warmup, seed=a.seed, threads=a.threads,
+        resume=not a.no_resume, ckpt_every=a.ckpt_every, eval_n=a.eval_n or d.eval_n)
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0
@@ -55,6 +88,14 @@ def _eval_one(m: str, a: argparse.Namespace):
         from fmrt.train.sam import evaluate_sam_model
 
         return evaluate_sam_model(m, n=a.n, seed=a.seed)
+    if read_config(m).get("family") == "llava":  # LLaVA: QA / pointing on test scenes
+        from fmrt.train.llava import evaluate_llava
+
+        return {"model": m, **evaluate_llava(m, n_images=a.n, seed=a.seed)}
+    if read_config(m).get("family") == "flamingo":  # Flamingo: 0/2/4-shot test episodes
+        from fmrt.train.flamingo import evaluate_flamingo_model
+
+        return evaluate_flamingo_model(m, n=a.n, seed=a.seed)
     from fmrt.train.evaluate import evaluate
 
     return evaluate(m, backend=a.backend, n=a.n, seed=a.seed)
@@ -154,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a model on ShapesWorld")
-    t.add_argument("family", choices=["clip", "negclip", "coca", "sam"])
+    t.add_argument("family", choices=["clip", "negclip", "coca", "sam", "llava", "flamingo"])
+    t.add_argument("--stage", type=int, default=1, choices=[1, 2],
+                   help="llava: 1 = projector on captions, 2 = projector + LM (with --init)")
     t.add_argument("--out", help="run directory (checkpoints + final model/)")
     t.add_argument("--arch", help="registered architecture (default per family)")
     t.add_argument("--init", help="start from a model dir or bundled name (negclip)")
@@ -167,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hard-negative-weight", type=float,
                    help="weight of the per-image hard-negative ranking term")
     t.add_argument("--single-prob", type=float, help="share of one-object scenes")
+    t.add_argument("--mirror-prob", type=float,
+                   help="clip/negclip: share of left/right relation captions given a mirrored twin image")
     t.add_argument("--threads", type=int)
+    t.add_argument("--lm-steps", type=int, help="flamingo: steps of the text-only LM stage")
+    t.add_argument("--lm-from", help="flamingo: reuse a stage-1 LM model dir")
     t.add_argument("--ckpt-every", type=int, default=250)
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--max-prompts-per-image", type=int, help="sam: objects prompted per image")

@@ -1,0 +1,256 @@
+"""LLaVA: Hugging Face parity and loading, the ShapesWorld VLM vocabulary and instruction data,
+pointing coordinates, the two-stage trainer (smoke) and the bundled shapes-llava (smoke)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fmrt
+from fmrt.data import parse_point_answer, point_answer
+from fmrt.data.vlm_data import (IGNORE, InstructionStream, build_vlm_tokenizer, decode_answer,
+                                encode_conversation, encode_example, point_hits, prompt_ids,
+                                rescale_point_text, rescale_points, special_ids)
+from fmrt.models.llava import LlavaCheckpointError, LlavaForConditionalGeneration
+
+transformers = pytest.importorskip("transformers")
+
+IMG_TOKEN = 99
+
+
+@pytest.fixture(scope="module")
+def hf_llava_dir(tmp_path_factory):
+    """A randomly initialised tiny transformers LLaVA (CLIP 32px/patch 8: 16 image tokens,
+    3 layers; LLaMA 2 layers, GQA 4/2), saved with save_pretrained."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration as HFLlava
+
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16)
+    tc = LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMG_TOKEN,
+                      image_seq_length=16)
+    m = HFLlava(cfg).eval()
+    with torch.no_grad():  # non-trivial norms so a missed weight would show
+        for n, p in m.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("hf_llava")
+    m.save_pretrained(d)
+    return str(d), m
+
+
+def _prompt_batch():
+    torch.manual_seed(1)
+    px = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[1, 5, 7] + [IMG_TOKEN] * 16 + [8, 9, 10],
+                        [1, 3] + [IMG_TOKEN] * 16 + [4, 11, 12, 13]])
+    return ids, px
+
+
+def test_hf_llava_parity(hf_llava_dir):
+    path, hf = hf_llava_dir
+    m = fmrt.create_model(None, checkpoint=path)
+    assert isinstance(m, LlavaForConditionalGeneration)
+    assert m.config.image_seq_length == 16 and m.config.vision_feature_layer == -2
+    ids, px = _prompt_batch()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px).logits
+        out = m(ids, px)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-4
+    # the "full" strategy keeps the class token: one more image token per image
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    assert cfg["vision_feature_select_strategy"] == "default"
+
+
+def test_hf_llava_greedy_tokens_match(hf_llava_dir):
+    path, hf = hf_llava_dir
+    m = fmrt.create_model(None, checkpoint=path)
+    ids, px = _prompt_batch()
+    ids, px = ids[:1], px[:1]
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=6, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    res = m.generate([ids[0].tolist()], px, max_new_tokens=6, stop_token_ids=[])
+    assert res[0].tokens == ref
+
+
+def test_hf_llava_other_key_layout(hf_llava_dir, tmp_path):
+    """transformers 4.5x layout: model.vision_tower.vision_model.*, model.language_model.*,
+    model.multi_modal_projector.*, lm_head.weight."""
+    from safetensors.torch import load_file, save_file
+
+    path, hf = hf_llava_dir
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    new = {}
+    for k, v in sd.items():
+        if k.startswith("vision_tower."):
+            k = "model.vision_tower.vision_model." + k[len("vision_tower."):]
+        elif k.startswith("multi_modal_projector."):
+            k = "model." + k
+        elif k == "language_model.lm_head.weight":
+            k = "lm_head.weight"
+        elif k.startswith("language_model.model."):
+            k = "model.language_model." + k[len("language_model.model."):]
+        new[k] = v
+    save_file(new, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    m = fmrt.create_model(None, checkpoint=str(tmp_path))
+    ids, px = _prompt_batch()
+    with torch.no_grad():
+        assert (m(ids, px) - hf(input_ids=ids, pixel_values=px).logits).abs().max() < 1e-4
+    # a broken checkpoint is reported, not silently half-loaded
+    del new["lm_head.weight"]
+    save_file(new, str(tmp_path / "model.safetensors"))
+    with pytest.raises(LlavaCheckpointError, match="missing"):
+        fmrt.create_model(None, checkpoint=str(tmp_path))
+
+
+def test_image_token_count_mismatch_raises(hf_llava_dir):
+    m = fmrt.create_model(None, checkpoint=hf_llava_dir[0])
+    ids, px = _prompt_batch()
+    with pytest.raises(ValueError, match="image tokens"):
+        m(ids[:, 3:], px)  # row 1 loses one of its 16 image placeholders
+    with pytest.raises(ValueError, match="no pixel_values"):
+        m(ids)
+
+
+def test_linear_projector_and_fmrt_roundtrip(tmp_path):
+    from fmrt.pretrained import load_pretrained, save_pretrained
+    from fmrt.preprocess import PreprocessConfig
+
+    m = fmrt.create_model("shapes-llava-tiny", projector="linear").eval()
+    assert not hasattr(m.projector, "linear_2")
+    save_pretrained(str(tmp_path), family="llava", model=m, config=m.config.to_dict(),
+                    preprocess=PreprocessConfig(image_size=64))
+    p = load_pretrained(str(tmp_path))
+    ids = torch.tensor([[1] + [86] * 64 + [40, 87]])
+    px = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(p.model(ids, px), m(ids, px))
+    m2 = fmrt.create_model(None, checkpoint=str(tmp_path))
+    assert isinstance(m2, LlavaForConditionalGeneration)
+
+
+# ----------------------------------------------------------------------------- vocabulary / data
+def test_vlm_tokenizer_specials_and_point_roundtrip(tmp_path):
+    tok = build_vlm_tokenizer()
+    img, sep = special_ids(tok)
+    assert (img, sep) == (86, 87)  # shapes-llava-tiny's image_token_id
+    assert tok.vocab_size <= fmrt.create_model("shapes-llava-tiny").config.text.vocab_size
+    tok.save(str(tmp_path))
+    from fmrt.models.tokenizer import load_tokenizer
+
+    tok2 = load_tokenizer(str(tmp_path))
+    assert special_ids(tok2) == (86, 87)
+    ans = ('<point x="5" y="40"> <point x="63" y="0"> counting the red circles shows a total '
+           'of 2.')
+    ids = tok2._tk.encode(ans, add_special_tokens=False).ids
+    assert tok2.unk_token_id not in ids
+    text = decode_answer(tok2, ids)
+    assert text == ans
+    pts, n = parse_point_answer(text)
+    assert n == 2 and pts.tolist() == [[5, 40], [63, 0]]
+
+
+def test_prompt_and_labels_cover_answers_only():
+    tok = build_vlm_tokenizer()
+    ids, labels = encode_example(tok, "how many shapes are there?", "three", 64)
+    p = prompt_ids(tok, "how many shapes are there?", 64)
+    assert ids[:len(p)] == p and p.count(86) == 64 and p[-1] == 87
+    assert all(x == IGNORE for x in labels[:len(p)])
+    assert decode_answer(tok, [t for t in labels if t != IGNORE]) == "three"
+    ids2, lab2 = encode_conversation(tok, [("how many shapes are there?", "three"),
+                                           ("is there a red star?", "no")], 64)
+    assert ids2[:len(ids)] == ids  # the first turn is the inference format
+    kept = [t for t in lab2 if t != IGNORE]
+    assert kept == [tok.token_to_id("three"), tok.eot_token_id, tok.token_to_id("no"),
+                    tok.eot_token_id]
+
+
+def test_instruction_stream_deterministic_and_shapes():
+    tok = build_vlm_tokenizer()
+    s = InstructionStream(tok, stage=2, batch_size=6, turns=3)
+    a, b = s(3), s(3)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["images"], b["images"])
+    assert a["images"].shape == (6, 64, 64, 3) and a["input_ids"].shape == a["labels"].shape
+    assert a["input_ids"].shape[1] <= 256
+    assert ((a["input_ids"] == 86).sum(1) == 64).all()
+    s1 = InstructionStream(tok, stage=1, batch_size=4, turns=2)(0)
+    assert all(k == ["caption", "caption"] for k in s1["kinds"])
+
+
+def test_rescale_points_any_size():
+    from fmrt.data import ShapesWorld
+
+    pts = np.array([[0.0, 0.0], [63.0, 31.5]])
+    big = rescale_points(pts, (64, 64), (128, 96))
+    assert np.allclose(big, [[0.5, 0.25], [126.5, 47.5]])
+    assert np.allclose(rescale_points(big, (128, 96), (64, 64)), pts)
+    txt = rescale_point_text('<point x="10" y="20"> counting ... 1.', (64, 64), (256, 256))
+    assert parse_point_answer(txt)[0].tolist() == [[42, 82]]
+    # ground truth at 128 px lands inside the objects at 64 px after rescaling, and vice versa
+    w = ShapesWorld(image_size=128, seed=3)
+    sc = w.sample_scene()
+    o = sc.objects[0]
+    q = f"point to the {o.color} {o.shape}s"
+    hits, n = point_hits(sc, q, parse_point_answer(point_answer(sc, o.shape, o.color))[0])
+    assert hits == n >= 1
+
+
+def test_train_two_stages_smoke(tmp_path):
+    from fmrt.pretrained import load_pretrained
+    from fmrt.train.llava import LlavaTrainConfig, evaluate_llava, train
+
+    s1 = train(LlavaTrainConfig(stage=1, steps=2, batch_size=3, out_dir=str(tmp_path / "s1"),
+                                threads=1), progress=False)
+    m1 = load_pretrained(s1).model
+    clip = load_pretrained("shapes-clip").model  # the frozen tower is shapes-clip's
+    assert torch.allclose(m1.vision_tower.conv1.weight, clip.visual.conv1.weight)
+    s2 = train(LlavaTrainConfig(stage=2, steps=2, batch_size=3, init_from=s1,
+                                out_dir=str(tmp_path / "s2"), threads=1), progress=False)
+    p2 = load_pretrained(s2)
+    assert p2.family == "llava" and special_ids(p2.tokenizer) == (86, 87)
+    assert not torch.equal(p2.model.language_model.layers[0].mlp.gate_up.weight,
+                           m1.language_model.layers[0].mlp.gate_up.weight)
+    assert torch.equal(p2.model.vision_tower.conv1.weight, m1.vision_tower.conv1.weight)
+    prov = p2.config["provenance"]
+    assert prov["stage"] == 2 and prov["previous_stages"][0]["stage"] == 1
+    r = evaluate_llava(s2, n_images=2, include_describe=False)
+    assert 0.0 <= r["qa_exact"] <= 1.0 and "point_count_exact" in r
+    from fmrt.models.llava import LlavaRunner
+
+    run = LlavaRunner(s2)  # any image size (squashed to 64 px)
+    out = run.point(np.full((96, 80, 3), 240, np.uint8), "red circles", max_new_tokens=3)
+    assert isinstance(out["text"], str) and isinstance(out["points"], list)
+
+
+@pytest.mark.skipif("shapes-llava" not in fmrt.pretrained.list_pretrained(),
+                    reason="shapes-llava is not bundled")
+def test_bundled_shapes_llava_smoke():
+    from fmrt.data import ShapesWorld, answer
+    from fmrt.pretrained import load_pretrained
+    from fmrt.preprocess import uint8_batch_to_tensor
+
+    p = load_pretrained("shapes-llava")
+    w = ShapesWorld(image_size=64, seed=123)
+    scenes = [w.sample_scene() for _ in range(8)]
+    q = "how many shapes are there?"
+    imgs = uint8_batch_to_tensor(np.stack([s.render() for s in scenes]), p.preprocess)
+    res = p.model.generate([prompt_ids(p.tokenizer, q, 64)] * 8, imgs, max_new_tokens=3,
+                           stop_token_ids=[p.tokenizer.eot_token_id])
+    got = [decode_answer(p.tokenizer, r.tokens) for r in res]
+    assert sum(g == answer(s, q) for g, s in zip(got, scenes)) >= 5
+    # pointing on a 128 px image: the runtime answers in that image's pixels
+    from fmrt.models.llava import LlavaRunner
+
+    big = ShapesWorld(image_size=128, seed=5).sample_scene()
+    o = big.objects[0]
+    q = f"point to the {o.color} {o.shape}s"
+    out = LlavaRunner("shapes-llava").point(big.render(), f"{o.color} {o.shape}s")
+    hits, n = point_hits(big, q, np.array(out["points"]))
+    assert n >= 1 and hits >= n - 1
