@@ -142,6 +142,32 @@ def _read_hf_weights(path: str) -> Dict[str, torch.Tensor]:
                                "pytorch_model.bin")
 
 
+def read_model_dir(path: str, *, family: str, model_type: str, config_cls: Any,
+                   config_from_hf: Any, convert: Any, error: type) -> tuple:
+    """``(config, state_dict)`` of an fmrt ``family`` model directory or a Hugging Face directory
+    whose config.json has ``model_type`` (weights renamed by ``convert(sd, config)``); shared by
+    the LLaMA and LLaVA loaders. Problems raise ``error`` with the path."""
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path) or not os.path.isfile(cfg_path):
+        raise error(f"{path}: expected a model directory with config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("family") == family:
+        from fmrt.pretrained import PretrainedError, read_weights
+
+        config = config_cls.from_dict(cfg["config"])
+        try:
+            return config, read_weights(path)
+        except PretrainedError as e:
+            raise error(str(e)) from None
+    if cfg.get("model_type") == model_type:
+        config = config_from_hf(cfg)
+        return config, convert(_read_hf_weights(path), config)
+    raise error(f"{path}: config.json is neither an fmrt {family} nor a Hugging Face "
+                f"{model_type} config (model_type={cfg.get('model_type')!r})")
+
+
 @register_checkpoint_loader("llama")
 def load_llama_checkpoint(path: str, name: Optional[str] = None, *,
                           dtype: Optional[torch.dtype] = None, **_: Any) -> LlamaForCausalLM:
@@ -151,25 +177,9 @@ def load_llama_checkpoint(path: str, name: Optional[str] = None, *,
     ``dtype``: parameter dtype (default float32; bf16/fp16 checkpoints are upcast).
     """
     path = os.fspath(path)
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path) or not os.path.isfile(cfg_path):
-        raise LlamaCheckpointError(f"{path}: expected a model directory with config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("family") == "llama":
-        from fmrt.pretrained import PretrainedError, read_weights
-
-        config = LlamaConfig.from_dict(cfg["config"])
-        try:
-            sd = read_weights(path)
-        except PretrainedError as e:
-            raise LlamaCheckpointError(str(e)) from None
-    elif cfg.get("model_type") == "llama":
-        config = config_from_hf(cfg)
-        sd = convert_hf_state_dict(_read_hf_weights(path), config)
-    else:
-        raise LlamaCheckpointError(f"{path}: config.json is neither an fmrt llama nor a Hugging "
-                                   f"Face LLaMA config (model_type={cfg.get('model_type')!r})")
+    config, sd = read_model_dir(path, family="llama", model_type="llama", config_cls=LlamaConfig,
+                                config_from_hf=config_from_hf, convert=convert_hf_state_dict,
+                                error=LlamaCheckpointError)
     if name is not None:
         model = get_model_entry(name).factory()
         if model.config.to_dict() != config.to_dict():

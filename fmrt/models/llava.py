@@ -22,7 +22,6 @@ usage), ``projector.{linear_1,linear_2}.*``, ``language_model.*`` (``LlamaForCau
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -384,27 +383,12 @@ def load_llava_checkpoint(path: str, name: Optional[str] = None, *,
                           ) -> LlavaForConditionalGeneration:
     """Load a Hugging Face ``LlavaForConditionalGeneration`` directory or an fmrt ``llava``
     model directory. ``name``: a registered llava architecture the checkpoint must match."""
-    from fmrt.models.llama_checkpoint import _read_hf_weights
-    from fmrt.pretrained import PretrainedError, read_weights
+    from fmrt.models.llama_checkpoint import read_model_dir
 
     path = os.fspath(path)
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path) or not os.path.isfile(cfg_path):
-        raise LlavaCheckpointError(f"{path}: expected a model directory with config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("family") == "llava":
-        config = LlavaConfig.from_dict(cfg["config"])
-        try:
-            sd = read_weights(path)
-        except PretrainedError as e:
-            raise LlavaCheckpointError(str(e)) from None
-    elif cfg.get("model_type") == "llava":
-        config = config_from_hf(cfg)
-        sd = convert_hf_state_dict(_read_hf_weights(path), config)
-    else:
-        raise LlavaCheckpointError(f"{path}: config.json is neither an fmrt llava nor a Hugging "
-                                   f"Face LLaVA config (model_type={cfg.get('model_type')!r})")
+    config, sd = read_model_dir(path, family="llava", model_type="llava", config_cls=LlavaConfig,
+                                config_from_hf=config_from_hf, convert=convert_hf_state_dict,
+                                error=LlavaCheckpointError)
     if name is not None:
         from fmrt.registry import get_model_entry
 
