@@ -25,7 +25,7 @@ import tempfile
 import threading
 import uuid
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -467,11 +467,23 @@ def export_model_dir(name_or_dir: str, cache_root: Optional[str] = None, *,
     graphs = graphs_for_config(arch)
     if not force and manifest_problem(target, weights_sha=sha, arch=arch, graphs=graphs) is None:
         return target
+    return publish_export(
+        target, lambda tmp: export_clip(model_dir, tmp, opset=opset, dynamo=dynamo),
+        lambda: manifest_problem(target, weights_sha=sha, arch=arch, graphs=graphs) is None,
+        force=force)
+
+
+def publish_export(target: str, write: Callable[[str], Any], is_valid: Callable[[], bool], *,
+                   force: bool = False) -> str:
+    """Run ``write(tmp)`` into a temporary sibling of ``target`` and rename it into place, so
+    concurrent processes never see a half-written export. If another process got there first
+    with a valid export (``is_valid()``) its copy is kept and ours discarded; a stale or broken
+    one (or any existing one when ``force``) is moved aside and replaced."""
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
-        export_clip(model_dir, tmp, opset=opset, dynamo=dynamo)
+        write(tmp)
         for _ in range(3):
             try:
                 os.rename(tmp, target)
@@ -479,10 +491,8 @@ def export_model_dir(name_or_dir: str, cache_root: Optional[str] = None, *,
             except OSError:
                 if not os.path.exists(target):
                     raise
-                if not force and manifest_problem(target, weights_sha=sha, arch=arch,
-                                                  graphs=graphs) is None:
+                if not force and is_valid():
                     return target  # another process won the race with a valid export
-                # a stale or broken export: move it aside, then retry the rename
                 stale = f"{target}.stale-{uuid.uuid4().hex[:8]}"
                 try:
                     os.rename(target, stale)

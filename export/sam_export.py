@@ -477,7 +477,7 @@ def sam_onnx_dir(source: Any, cache_root: Optional[str] = None, *, opset: int = 
     manifest matches the weights, else the export cache (exported on first use into a temporary
     sibling folder, then renamed into place so concurrent processes never see a partial export).
     """
-    from export.onnx_export import ExportError, manifest_problem
+    from export.onnx_export import ExportError, manifest_problem, publish_export
 
     src = resolve_source(source, load=False)
     specs = graphs_for_config(src.arch)
@@ -492,32 +492,10 @@ def sam_onnx_dir(source: Any, cache_root: Optional[str] = None, *, opset: int = 
         return target
     if not export:
         raise ExportError(f"{src.name}: no ONNX export ({problem})")
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    try:
-        export_sam(src, tmp, opset=opset)
-        for _ in range(3):
-            try:
-                os.rename(tmp, target)
-                return target
-            except OSError:
-                if not os.path.exists(target):
-                    raise
-                if not force and manifest_problem(target, weights_sha=src.sha, arch=src.arch,
-                                                  graphs=specs) is None:
-                    return target  # another process won the race
-                stale = f"{target}.stale-{uuid.uuid4().hex[:8]}"
-                try:
-                    os.rename(target, stale)
-                except OSError:
-                    continue
-                shutil.rmtree(stale, ignore_errors=True)
-                force = False
-        raise ExportError(f"could not move the export into {target}")
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    return publish_export(
+        target, lambda tmp: export_sam(src, tmp, opset=opset),
+        lambda: manifest_problem(target, weights_sha=src.sha, arch=src.arch, graphs=specs) is None,
+        force=force)
 
 
 def ensure_sam_variant(source: Any, onnx_dir: str, graph: str, dtype: str, *,
