@@ -193,18 +193,9 @@ def convert_hf_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
 
 # ----------------------------------------------------------------------------- entry point
 def _load_into(model: CLIP, sd: Dict[str, torch.Tensor], source: str) -> CLIP:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: state dict does not match the architecture; "
-                              f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                              f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if sd[k].shape != v.shape]
-    if bad:
-        raise CheckpointError(f"{source}: shape mismatch (key, checkpoint, model): {bad[:5]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
-    return model.eval()
+    from fmrt.models.state_dict import strict_load
+
+    return strict_load(model, sd, source, CheckpointError)
 
 
 def _hf_weights(path: str) -> Dict[str, torch.Tensor]:

@@ -115,17 +115,9 @@ def convert_hf_state_dict(sd: Dict[str, torch.Tensor], config: LlamaConfig,
 
 def load_state_dict_into(model: LlamaForCausalLM, sd: Dict[str, torch.Tensor], source: str
                          ) -> LlamaForCausalLM:
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise LlamaCheckpointError(f"{source}: weights do not match the config: missing "
-                                   f"{missing[:6]}, unexpected {unexpected[:6]}")
-    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items()
-           if sd[k].shape != v.shape]
-    if bad:
-        raise LlamaCheckpointError(f"{source}: shape mismatch (key, checkpoint, model): {bad[:5]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
-    return model.eval()
+    from fmrt.models.state_dict import strict_load
+
+    return strict_load(model, sd, source, LlamaCheckpointError)
 
 
 def _read_hf_weights(path: str) -> Dict[str, torch.Tensor]:

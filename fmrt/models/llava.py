@@ -366,16 +366,9 @@ def _load_into(model: LlavaForConditionalGeneration, sd: Dict[str, torch.Tensor]
     for k in ("vision_tower.ln_post.weight", "vision_tower.ln_post.bias"):
         if k not in sd:
             sd[k] = own[k]
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise LlavaCheckpointError(f"{source}: weights do not match the config: missing "
-                                   f"{missing[:6]}, unexpected {unexpected[:6]}")
-    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items()
-           if sd[k].shape != v.shape]
-    if bad:
-        raise LlavaCheckpointError(f"{source}: shape mismatch (key, checkpoint, model): {bad[:5]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
-    return model.eval()
+    from fmrt.models.state_dict import strict_load
+
+    return strict_load(model, sd, source, LlavaCheckpointError)
 
 
 def load_llava_checkpoint(path: str, name: Optional[str] = None, *,

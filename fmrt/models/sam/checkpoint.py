@@ -102,16 +102,10 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], *,
 def load_state_dict_into(model: Sam, sd: Mapping[str, torch.Tensor], source: str) -> Sam:
     """Strictly load ``sd`` (segment-anything key names) into ``model``; CheckpointError on any
     missing / unexpected key or shape mismatch."""
+    from fmrt.models.state_dict import check_state_dict
+
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: state dict does not match the architecture; "
-                              f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                              f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if sd[k].shape != v.shape]
-    if bad:
-        raise CheckpointError(f"{source}: shape mismatch (key, checkpoint, model): {bad[:5]}")
+    check_state_dict(own, sd, source, CheckpointError)
     if any(t.is_meta for t in own.values()):
         # built by _build_empty: allocate (uninitialised) storage, then copy the weights in
         model.to_empty(device="cpu")
