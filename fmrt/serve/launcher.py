@@ -67,6 +67,19 @@ def _set_env(session: RaySession, key: str, value: str) -> None:
     os.environ[key] = value
 
 
+_TOKEN: Optional[str] = None
+
+
+def _process_token() -> str:
+    """One random token per process. Ray's driver reads the auth token once per process and
+    keeps it, so a second local cluster started after ``shutdown`` (e.g. the next test module's
+    Serve instance) must get the same token, or its GCS rejects the driver (InvalidAuthToken)."""
+    global _TOKEN
+    if _TOKEN is None:
+        _TOKEN = secrets.token_hex(32)
+    return _TOKEN
+
+
 def start_ray(*, num_cpus: Optional[int] = None, object_store_memory: Optional[int] = 256 << 20,
               extra_pythonpath: Sequence[str] = (), log_to_driver: bool = True,
               env_vars: Optional[Dict[str, str]] = None) -> RaySession:
@@ -84,7 +97,7 @@ def start_ray(*, num_cpus: Optional[int] = None, object_store_memory: Optional[i
     token_path = os.path.join(token_dir, "auth_token")
     fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+        f.write(_process_token())
     _set_env(session, "RAY_AUTH_TOKEN_PATH", token_path)
     # ray.init sets RAY_AUTH_MODE=token in this process when unset; stop() restores it.
     session.saved_env.setdefault("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE"))
