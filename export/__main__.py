@@ -1,6 +1,7 @@
 """Command line for the export pipeline.
 
     python -m export onnx MODEL [--out DIR] [--int8] [--fp16] [--torchscript]
+        (SAM models and segment-anything checkpoints go to ``export.sam_export``)
     python -m export tensorrt MODEL [--precision fp16|fp32] [--cache-root DIR]
 
 ``MODEL`` is a bundled name (``shapes-clip``) or a model directory. Without ``--out`` the graphs
@@ -15,6 +16,18 @@ import json
 import os
 import sys
 import time
+
+
+def _is_sam(model: str) -> bool:
+    """A segment-anything checkpoint file, or a bundled name / model dir of family "sam"."""
+    from fmrt import pretrained
+
+    if os.path.isfile(model):
+        return True
+    try:
+        return pretrained.read_config(pretrained.resolve(model)).get("family") == "sam"
+    except Exception:  # noqa: BLE001 - unknown names are reported by the CLIP path below
+        return False
 
 
 def main(argv=None) -> int:
@@ -41,6 +54,16 @@ def main(argv=None) -> int:
     from fmrt import pretrained
 
     t0 = time.perf_counter()
+    if args.cmd == "onnx" and _is_sam(args.model):
+        # SAM has its own graphs (encoder + prompt decoder); same options, same output format
+        from export import sam_export
+
+        fwd = [args.model, "--opset", str(args.opset)]
+        for flag, value in (("--out", args.out), ("--cache-root", args.cache_root)):
+            if value:
+                fwd += [flag, value]
+        fwd += [f for f, on in (("--fp16", args.fp16), ("--int8", args.int8)) if on]
+        return sam_export.main(fwd)
     if args.cmd == "onnx":
         model_dir = pretrained.resolve(args.model)
         if args.out:

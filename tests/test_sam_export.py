@@ -227,6 +227,11 @@ def test_fp16_variant_and_cli(model, model_dir, onnx_dir, capsys):
     assert main([model_dir, "--int8"]) == 0 and export_count() == n
     out = json.loads(capsys.readouterr().out)
     assert os.path.isfile(out["mask_decoder.int8"]) and os.path.isfile(out["image_encoder.int8"])
+    # the project-wide `python -m export onnx` routes SAM models here (same cached export)
+    from export.__main__ import main as export_main
+
+    assert export_main(["onnx", model_dir, "--int8"]) == 0 and export_count() == n
+    assert json.loads(capsys.readouterr().out) == out
 
 
 def test_export_rejects_other_families(tmp_path):
