@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -71,11 +71,14 @@ def payloads(kind: str, n: int, image_side: int) -> List[bytes]:
     return out
 
 
-def drive(url: str, bodies: List[bytes], concurrency: int, duration: float,
-          warmup: float) -> Dict[str, Any]:
-    """Closed loop: ``concurrency`` threads each send the next request as soon as one returns."""
-    import requests
+def closed_loop(make_sender: Callable[[], Callable[[int], Optional[str]]], concurrency: int,
+                duration: float, warmup: float) -> Dict[str, Any]:
+    """Closed loop: ``concurrency`` threads each send the next request as soon as one returns.
 
+    ``make_sender()`` runs once per thread (e.g. to open an HTTP session) and returns
+    ``send(i)``, which performs request ``i`` and returns None on success or an error string
+    (exceptions count as errors too). Only requests that start after ``warmup`` and end within
+    the next ``duration`` seconds are counted."""
     lat: List[float] = []
     errors: List[str] = []
     lock = threading.Lock()
@@ -83,8 +86,7 @@ def drive(url: str, bodies: List[bytes], concurrency: int, duration: float,
     t_measure = [0.0, 0.0]
 
     def worker(k: int) -> None:
-        s = requests.Session()
-        headers = {"Content-Type": "application/json"}
+        send = make_sender()
         i = k
         start.wait()
         while True:
@@ -92,18 +94,13 @@ def drive(url: str, bodies: List[bytes], concurrency: int, duration: float,
             if t0 >= t_measure[1]:
                 break
             try:
-                r = s.post(url, data=bodies[i % len(bodies)], headers=headers, timeout=60)
-                ok = r.status_code == 200
-                err = None if ok else f"{r.status_code} {r.text[:200]}"
+                err = send(i)
             except Exception as e:  # noqa: BLE001
-                ok, err = False, repr(e)
+                err = repr(e)
             t1 = time.perf_counter()
             if t0 >= t_measure[0] and t1 <= t_measure[1]:
                 with lock:
-                    if ok:
-                        lat.append(t1 - t0)
-                    else:
-                        errors.append(err)
+                    (errors.append(err) if err else lat.append(t1 - t0))
             i += concurrency
 
     threads = [threading.Thread(target=worker, args=(k,), daemon=True)
@@ -121,6 +118,23 @@ def drive(url: str, bodies: List[bytes], concurrency: int, duration: float,
             "p50_ms": float(np.percentile(a, 50)) if len(a) else float("nan"),
             "p99_ms": float(np.percentile(a, 99)) if len(a) else float("nan"),
             "mean_ms": float(a.mean()) if len(a) else float("nan")}
+
+
+def drive(url: str, bodies: List[bytes], concurrency: int, duration: float,
+          warmup: float) -> Dict[str, Any]:
+    """Closed-loop HTTP POSTs of ``bodies`` (round robin) to ``url``; see :func:`closed_loop`."""
+    import requests
+
+    def make_sender():
+        s = requests.Session()
+        headers = {"Content-Type": "application/json"}
+
+        def send(i: int) -> Optional[str]:
+            r = s.post(url, data=bodies[i % len(bodies)], headers=headers, timeout=60)
+            return None if r.status_code == 200 else f"{r.status_code} {r.text[:200]}"
+        return send
+
+    return closed_loop(make_sender, concurrency, duration, warmup)
 
 
 def encoder_stats(url: str) -> Dict[str, Any]:

@@ -31,53 +31,17 @@ for p in (REPO_ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench_serve import drive  # noqa: E402  (closed-loop HTTP driver shared with bench_serve)
+from bench_serve import closed_loop, drive  # noqa: E402  (closed-loop drivers shared with bench_serve)
 
 
 def drive_handle(handle, prompts, iid: str, concurrency: int, duration: float,
                  warmup: float) -> Dict[str, Any]:
     """Closed loop through the ``SamDecoder`` deployment handle (no HTTP proxy, no ingress):
     the decoder stage's own throughput."""
-    import threading
+    def send(i: int) -> None:
+        handle.predict.remote(prompts[i % len(prompts)], image_id=iid).result()
 
-    lat: list = []
-    errors: list = []
-    lock = threading.Lock()
-    start = threading.Barrier(concurrency + 1)
-    window = [0.0, 0.0]
-
-    def worker(k: int) -> None:
-        i = k
-        start.wait()
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= window[1]:
-                break
-            try:
-                handle.predict.remote(prompts[i % len(prompts)], image_id=iid).result()
-                err = None
-            except Exception as e:  # noqa: BLE001
-                err = repr(e)
-            t1 = time.perf_counter()
-            if t0 >= window[0] and t1 <= window[1]:
-                with lock:
-                    (errors.append(err) if err else lat.append(t1 - t0))
-            i += concurrency
-
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True)
-               for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    now = time.perf_counter()
-    window[0], window[1] = now + warmup, now + warmup + duration
-    start.wait()
-    for t in threads:
-        t.join()
-    a = np.array(lat) * 1e3
-    return {"requests": len(lat), "errors": len(errors),
-            "first_error": errors[0] if errors else None, "rps": len(lat) / duration,
-            "p50_ms": float(np.percentile(a, 50)) if len(a) else float("nan"),
-            "p99_ms": float(np.percentile(a, 99)) if len(a) else float("nan")}
+    return closed_loop(lambda: send, concurrency, duration, warmup)
 
 
 def decoder_stats(url: str, model: str) -> Dict[str, Any]:
