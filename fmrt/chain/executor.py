@@ -57,15 +57,19 @@ class RunCache:
         self._futs: Dict[Hashable, cf.Future] = {}
         self.hits = self.misses = 0
 
-    def get_or_compute(self, key: Hashable, fn: Callable[[], Any]) -> Any:
+    def _claim(self, key: Hashable) -> "tuple[cf.Future, bool]":
+        """The future for ``key`` and whether this caller must compute it (first to ask)."""
         with self._lock:
             fut = self._futs.get(key)
-            owner = fut is None
-            if owner:
-                fut = self._futs[key] = cf.Future()
-                self.misses += 1
-            else:
+            if fut is not None:
                 self.hits += 1
+                return fut, False
+            fut = self._futs[key] = cf.Future()
+            self.misses += 1
+            return fut, True
+
+    def get_or_compute(self, key: Hashable, fn: Callable[[], Any]) -> Any:
+        fut, owner = self._claim(key)
         if owner:
             try:
                 fut.set_result(fn())
@@ -75,14 +79,7 @@ class RunCache:
 
     async def aget_or_compute(self, key: Hashable, fn: Callable[[], Awaitable[Any]]) -> Any:
         """The same for async modules (``fn`` returns an awaitable)."""
-        with self._lock:
-            fut = self._futs.get(key)
-            owner = fut is None
-            if owner:
-                fut = self._futs[key] = cf.Future()
-                self.misses += 1
-            else:
-                self.hits += 1
+        fut, owner = self._claim(key)
         if owner:
             try:
                 fut.set_result(await fn())
