@@ -74,6 +74,7 @@ AMG_CASES = {
 def sam_model(name: str) -> torch.nn.Module:
     """The bundled trained shapes-sam, or sam_vit_b's architecture with random weights (seed 0)."""
     import fmrt
+    import fmrt.pretrained
 
     if name == "shapes-sam":
         return fmrt.pretrained.load_pretrained("shapes-sam").model.float().eval()

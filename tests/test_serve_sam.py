@@ -36,19 +36,33 @@ CACHE_BYTES = 3 * EMB_BYTES + 100  # room for exactly 3 embeddings
 LIMITS = {"max_image_side": 512}
 
 
+APP_ARGS = {"models": ["shapes-sam"], "backend": "torch", "max_batch_size": 32,
+            "batch_wait_timeout_s": 0.05, "request_timeout_s": 30, "sam_cache_bytes": CACHE_BYTES,
+            "limits": LIMITS, "num_threads": 1}
+
+
 @pytest.fixture(scope="module")
 def server():
     from fmrt.serve.launcher import free_port, start_serve
 
-    session = start_serve(
-        {"models": ["shapes-sam"], "backend": "torch", "max_batch_size": 32,
-         "batch_wait_timeout_s": 0.05, "request_timeout_s": 30, "sam_cache_bytes": CACHE_BYTES,
-         "limits": LIMITS, "num_threads": 1},
-        host="127.0.0.1", port=free_port(), ray_kwargs={"log_to_driver": False})
+    session = start_serve(dict(APP_ARGS), host="127.0.0.1", port=free_port(),
+                          ray_kwargs={"log_to_driver": False})
     try:
         yield {"url": session.url}
     finally:
         session.shutdown()
+
+
+def _redeploy(backend: str) -> None:
+    """Replace the app on the running cluster (the same route, a new backend); returns once
+    the new replicas answer."""
+    from ray import serve
+
+    from fmrt.serve.app import AppArgs, build_app
+    from fmrt.serve.launcher import APP_NAME
+
+    args = AppArgs(**{**APP_ARGS, "backend": backend})
+    serve.run(build_app(args), name=APP_NAME, route_prefix=args.route_prefix, blocking=False)
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +235,33 @@ def test_bad_inputs_are_4xx(server, path, payload, status, match):
     assert r.status_code == status, r.text
     assert match in r.json()["error"]["message"], r.json()
     assert requests.get(server["url"] + "/healthz", timeout=TIMEOUT).status_code == 200
+
+
+def test_onnxruntime_backend_serves_the_same_masks(server):
+    """The same routes on the ONNX Runtime backend (the app redeployed on this cluster, then put
+    back): an embed + batched predicts equal the in-process ONNX Runtime predictor."""
+    pytest.importorskip("onnxruntime")
+    ort = fmrt.load("shapes-sam", backend="onnxruntime")
+    _redeploy("onnxruntime")
+    try:
+        st = requests.get(server["url"] + "/v1/sam/stats", timeout=TIMEOUT).json()
+        assert st["models"]["shapes-sam"]["decoder"]["backend"] == "onnxruntime", st
+        img = _scene(4)
+        iid = _embed(server, img)["image_id"]
+        pts = [[6 + 9 * i, 4 + 6 * i] for i in range(6)]
+        with cf.ThreadPoolExecutor(6) as ex:
+            res = list(ex.map(lambda p: post(server, "/v1/sam/predict",
+                                             {"image_id": iid, "points": [p], "labels": [1]}),
+                              pts))
+        assert all(r.status_code == 200 for r in res), [r.text for r in res]
+        state = ort.encode_image(img)
+        for p, r in zip(pts, res):
+            m, sc, _ = ort.predict(point_coords=[p], point_labels=[1], image_state=state)
+            np.testing.assert_allclose(r.json()["scores"], sc, atol=1e-5)
+            for rle, mm in zip(r.json()["masks"], m):
+                np.testing.assert_array_equal(_decode(rle), mm)
+        r = post(server, "/v1/sam/predict", {"image_id": iid, "points": [[200, 1]],
+                                             "labels": [1]})
+        assert r.status_code == 422 and "outside" in r.json()["error"]["message"]
+    finally:
+        _redeploy("torch")

@@ -400,14 +400,16 @@ class SamAutomaticMaskGenerator:
                 sparse = mod.embed_points(c[i: i + step].to(dev), lab[i: i + step].to(dev))
                 dense = mod.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
                     1, -1, *emb.shape[-2:])
-                src, hyper_in, iou = mod.mask_decoder._run(emb.to(mod.dtype), mod.image_pe,
-                                                           sparse, dense)
+                keys, hyper_in, iou = mod.mask_decoder._run_tokens(emb.to(mod.dtype),
+                                                                   mod.image_pe, sparse, dense)
                 keep = torch.nonzero((iou[:, 1:].float() > self.pred_iou_thresh).any(1))[:, 0]
                 ious.append(iou[:, 1:].float().cpu())
                 rows.append(keep.cpu() + i)
                 if keep.numel() == 0:
                     continue
-                src, hyper_in, iou = src[keep], hyper_in[keep], iou[keep]
+                # only the kept prompts' image tokens go to image order (~1 in 4)
+                keys, hyper_in, iou = keys.expand(len(iou), -1, -1)[keep], hyper_in[keep], iou[keep]
+                src = keys.transpose(1, 2).reshape(len(keep), keys.shape[-1], *emb.shape[-2:])
                 if eng.fused:
                     from fmrt.kernels import decode_masks
                     from fmrt.kernels.mask_decode import upscaling_params

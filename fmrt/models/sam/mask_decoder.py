@@ -82,6 +82,18 @@ class MaskDecoder(nn.Module):
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transformer pass: returns (src ``B x C x h x w``, hyper_in ``B x 4 x C/8``,
         iou_pred ``B x 4``)."""
+        keys, hyper_in, iou = self._run_tokens(image_embeddings, image_pe,
+                                               sparse_prompt_embeddings, dense_prompt_embeddings)
+        bs, c = hyper_in.shape[0], self.transformer_dim
+        src = keys.expand(bs, -1, -1).transpose(1, 2).reshape(bs, c, *image_embeddings.shape[-2:])
+        return src, hyper_in, iou
+
+    def _run_tokens(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                    sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_run`` without the image-order copy: returns (image tokens ``B x h*w x C`` (batch
+        1 when shared), hyper_in ``B x 4 x C/8``, iou_pred ``B x 4``). Callers that need the
+        mask head for a subset of prompts (the automatic generator) select rows first."""
         bs = sparse_prompt_embeddings.shape[0]
         c = self.transformer_dim
         if sparse_prompt_embeddings.dim() != 3 or sparse_prompt_embeddings.shape[-1] != c:
@@ -117,10 +129,9 @@ class MaskDecoder(nn.Module):
         hs, keys = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
-        src = keys.expand(bs, -1, -1).transpose(1, 2).reshape(bs, c, *hw)
         hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :])
                                 for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
-        return src, hyper_in, self.iou_prediction_head(iou_token_out)
+        return keys, hyper_in, self.iou_prediction_head(iou_token_out)
 
     # ------------------------------------------------------------------ public
     def predict_masks(self, *, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
