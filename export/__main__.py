@@ -65,6 +65,14 @@ def main(argv=None) -> int:
         fwd += [f for f, on in (("--fp16", args.fp16), ("--int8", args.int8)) if on]
         return sam_export.main(fwd)
     if args.cmd == "onnx":
+        from export import vlm_export
+
+        if vlm_export.is_vlm(args.model):  # LLaVA / Flamingo: vision + LM prefill/decode graphs
+            fwd = [args.model, "--opset", str(args.opset)]
+            for flag, value in (("--out", args.out), ("--cache-root", args.cache_root)):
+                if value:
+                    fwd += [flag, value]
+            return vlm_export.main(fwd)
         model_dir = pretrained.resolve(args.model)
         if args.out:
             paths = onnx_export.export_clip(model_dir, args.out, opset=args.opset,
@@ -89,8 +97,24 @@ def main(argv=None) -> int:
                           "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
         return 0
 
-    from fmrt.runtime.base import BackendUnavailableError
+    from fmrt.runtime.base import BackendUnavailableError, RuntimeLoadError
 
+    from export import vlm_export
+
+    if vlm_export.is_vlm(args.model):  # VLM engines (vision + LM prefill/decode) are fp32 only
+        from fmrt.runtime.vlm import VlmModel
+
+        try:
+            vlm = VlmModel.load(args.model, backend="tensorrt", precision="fp32",
+                                cache_root=args.cache_root, workspace_gb=args.workspace_gb,
+                                rebuild=args.rebuild)
+        except (BackendUnavailableError, RuntimeLoadError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({"engines": {g: getattr(e, "path", "")
+                                      for g, e in vlm._lm.engines.items()},
+                          "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+        return 0
     try:
         from fmrt.runtime.clip import ClipRuntime
 

@@ -190,3 +190,83 @@ def sam_graphs(*, img_size: int, embed_dim: int, embed_size: int, num_masks: int
     low_dec = MultiAxisGraphSpec("mask_decoder_lowres", inputs=prompts, outputs=(iou, low),
                                  batch_profile=SAM_PROMPT_PROFILE, axis_profiles=axes)
     return {"image_encoder": enc, "mask_decoder": dec, "mask_decoder_lowres": low_dec}
+
+
+# ----------------------------------------------------------------------------- VLMs
+VLM_SEQ, VLM_PAST, VLM_TOTAL, VLM_MEDIA = "seq", "past", "total", "num_media"
+# TensorRT profiles of the VLM graphs: batch up to 16 rows (the serving batch), optimised for 4;
+# prompt / past lengths up to the LM context, optimised for 128 (a 64-token ShapesWorld image
+# plus a question); up to 8 images per row, optimised for 2. ORT takes any size.
+VLM_BATCH_PROFILE = (1, 4, 16)
+VLM_IMAGE_BATCH_PROFILE = (1, 4, 32)
+
+
+def vlm_graphs(*, family: str, image_size: int, hidden_size: int, vocab_size: int,
+               num_layers: int, kv_heads: int, head_dim: int, context_length: int,
+               image_seq_length: int = 0, num_latents: int = 0, vision_width: int = 0,
+               max_images: int = 8) -> Dict[str, GraphSpec]:
+    """A VLM's three graphs (``export.vlm_export``; ``fmrt.runtime.vlm`` feeds them).
+
+    * ``vision`` (LLaVA): ``pixel_values`` ``[batch, 3, S, S]`` (one row per image, normalised)
+      -> ``image_features`` ``[batch, image_seq_length, hidden]`` (tower + projector: the LM
+      embeddings that replace the image placeholders).
+    * ``resampler`` (Flamingo): ``pixel_values`` ``[batch, num_media, 3, S, S]`` -> ``media``
+      ``[batch, num_media, num_latents, vision_width]`` (vision encoder + perceiver).
+    * ``lm_prefill``: the left-padded prompt -> ``logits`` ``[batch, vocab]`` of the last
+      position and ``present.{i}.key|value`` ``[batch, kv_heads, seq, head_dim]``. Inputs:
+      LLaVA ``inputs_embeds`` ``[batch, seq, hidden]``; Flamingo ``input_ids`` ``[batch, seq]``
+      plus ``media`` and ``media_locations`` ``[batch, seq]`` (1 at ``<image>`` tokens). Both
+      take ``attention_mask`` ``[batch, seq]`` (int64, 0 = left padding; rotary positions count
+      real tokens only).
+    * ``lm_decode``: one token per row: ``input_ids`` ``[batch, 1]``, ``position_ids``
+      ``[batch, 1]`` (real tokens before it), ``past_mask`` ``[batch, past]`` (int64, 0 = padding
+      slot), ``past.{i}.key|value`` ``[batch, kv_heads, past, head_dim]`` (Flamingo also
+      ``media`` and ``media_index`` ``[batch, 1]``: the number of ``<image>`` tokens up to and
+      including this one) -> ``logits`` ``[batch, vocab]`` and ``present.{i}.key|value``
+      ``[batch, kv_heads, total = past + 1, head_dim]``.
+    """
+    if family not in ("llava", "flamingo"):
+        raise ValueError(f"no VLM graphs for family {family!r}")
+    ctx = int(context_length)
+    opt = min(128, ctx)
+    axes = ((VLM_SEQ, (1, opt, ctx)), (VLM_PAST, (1, opt, ctx - 1)),
+            (VLM_MEDIA, (1, min(2, max_images), max_images)))
+    logits = TensorSpec("logits", "float32", (BATCH, vocab_size))
+
+    def kv(prefix: str, axis: str):
+        shape = (BATCH, kv_heads, axis, head_dim)
+        return tuple(TensorSpec(f"{prefix}.{i}.{kind}", "float32", shape)
+                     for i in range(num_layers) for kind in ("key", "value"))
+
+    mask = TensorSpec("attention_mask", "int64", (BATCH, VLM_SEQ))
+    step_in = (TensorSpec("input_ids", "int64", (BATCH, 1)),
+               TensorSpec("position_ids", "int64", (BATCH, 1)),
+               TensorSpec("past_mask", "int64", (BATCH, VLM_PAST)))
+    graphs: Dict[str, GraphSpec] = {}
+    if family == "llava":
+        graphs["vision"] = GraphSpec(
+            "vision",
+            inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, image_size, image_size)),),
+            outputs=(TensorSpec("image_features", "float32",
+                                (BATCH, image_seq_length, hidden_size)),),
+            batch_profile=VLM_IMAGE_BATCH_PROFILE)
+        pre_in = (TensorSpec("inputs_embeds", "float32", (BATCH, VLM_SEQ, hidden_size)), mask)
+        media_pre = media_dec = ()
+    else:
+        media = TensorSpec("media", "float32", (BATCH, VLM_MEDIA, num_latents, vision_width))
+        graphs["resampler"] = MultiAxisGraphSpec(
+            "resampler",
+            inputs=(TensorSpec("pixel_values", "float32",
+                               (BATCH, VLM_MEDIA, 3, image_size, image_size)),),
+            outputs=(media,), batch_profile=VLM_BATCH_PROFILE, axis_profiles=axes)
+        pre_in = (TensorSpec("input_ids", "int64", (BATCH, VLM_SEQ)), mask)
+        media_pre = (media, TensorSpec("media_locations", "int64", (BATCH, VLM_SEQ)))
+        media_dec = (media, TensorSpec("media_index", "int64", (BATCH, 1)))
+    graphs["lm_prefill"] = MultiAxisGraphSpec(
+        "lm_prefill", inputs=pre_in + media_pre, outputs=(logits,) + kv("present", VLM_SEQ),
+        batch_profile=VLM_BATCH_PROFILE, axis_profiles=axes)
+    graphs["lm_decode"] = MultiAxisGraphSpec(
+        "lm_decode", inputs=step_in + media_dec + kv("past", VLM_PAST),
+        outputs=(logits,) + kv("present", VLM_TOTAL),
+        batch_profile=VLM_BATCH_PROFILE, axis_profiles=axes)
+    return graphs

@@ -37,6 +37,7 @@ from fmrt.models.vision_transformer import VisionTransformer
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 SELECT_STRATEGIES = ("default", "full")
+IMAGE_POS_EMBEDS = ("none", "learned")
 _PROJ_ACTS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
               "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "relu": F.relu,
               "silu": F.silu}
@@ -57,6 +58,11 @@ class LlavaConfig(ConfigMixin):
     image_token_id: int = 32000
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"
+    # fmrt extension (not in Hugging Face's LLaVA): "learned" adds a trainable position embedding
+    # (image_seq_length x LM hidden) to the projected image features, so each image token says
+    # which patch it is without relying on the tower keeping CLIP's input position embedding
+    # through its blocks. "none" (default) is exactly HF LLaVA.
+    image_pos_embed: str = "none"
 
     def __post_init__(self) -> None:
         if self.projector not in PROJECTORS:
@@ -66,6 +72,9 @@ class LlavaConfig(ConfigMixin):
         if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
             raise ValueError(f"vision_feature_select_strategy must be one of "
                              f"{SELECT_STRATEGIES}, got {self.vision_feature_select_strategy!r}")
+        if self.image_pos_embed not in IMAGE_POS_EMBEDS:
+            raise ValueError(f"image_pos_embed must be one of {IMAGE_POS_EMBEDS}, got "
+                             f"{self.image_pos_embed!r}")
         n = self.vision.layers
         if not -(n + 1) <= self.vision_feature_layer <= n:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} outside the "
@@ -121,6 +130,10 @@ class LlavaForConditionalGeneration(nn.Module):
         # blocks after the feature layer never run (see image_features).
         del self.vision_tower.proj
         self.projector = LlavaProjector(config)
+        if config.image_pos_embed == "learned":
+            # std 0.02: the LM's embedding init scale (fmrt.models.llama)
+            self.image_pos_embed = nn.Parameter(
+                0.02 * torch.randn(config.image_seq_length, config.text.hidden_size))
         self.language_model = LlamaForCausalLM(config.text)
 
     # -- image side -----------------------------------------------------------------------
@@ -141,10 +154,19 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features ``B x image_seq_length x hidden`` (LM embedding space)."""
-        h = self.vision_hidden(pixel_values)
+        return self.project_hidden(self.vision_hidden(pixel_values))
+
+    def project_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``vision_hidden`` output ``B x (1 + g*g) x W`` -> projected features
+        ``B x image_seq_length x hidden`` (token selection, projector, optional position
+        embedding); ``image_features`` = ``project_hidden(vision_hidden(pixel_values))``."""
+        h = hidden
         if self.config.vision_feature_select_strategy == "default":
             h = h[:, 1:]
-        return self.projector(h.to(self.projector.linear_1.weight.dtype))
+        f = self.projector(h.to(self.projector.linear_1.weight.dtype))
+        if self.config.image_pos_embed == "learned":
+            f = f + self.image_pos_embed.to(f.dtype)
+        return f
 
     # -- text side ------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,

@@ -25,9 +25,14 @@ def load(name_or_path: str, backend: str = "torch", **kwargs):
 
         return SamPredictor.load(name_or_path, backend=backend, **kwargs)
     try:
-        family = pretrained.read_config(name_or_path).get("family")
+        cfg = pretrained.read_config(name_or_path)
     except pretrained.PretrainedError as e:
         raise RuntimeLoadError(str(e)) from None
+    family = cfg.get("family") or ("llava" if cfg.get("model_type") == "llava" else None)
+    if family in ("llava", "flamingo"):
+        from fmrt.runtime.vlm import VlmModel
+
+        return VlmModel.load(name_or_path, backend=backend, **kwargs)
     if family in ("clip", "coca"):
         return ClipRuntime.load(name_or_path, backend=backend, **kwargs)
     if family == "sam":
