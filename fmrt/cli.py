@@ -17,6 +17,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return _cmd_train_llava(a)
     if a.family == "flamingo":
         return _cmd_train_flamingo(a)
+    if a.family == "programs":
+        return _cmd_train_programs(a)
     from fmrt.train.contrastive import TrainConfig, train
 
     defaults = TrainConfig(family=a.family)
@@ -44,7 +46,8 @@ def _cmd_train_llava(a: argparse.Namespace) -> int:
         out_dir=a.out or f"runs/shapes-llava-s{a.stage}", steps=a.steps or 0,
         batch_size=a.batch_size or 32, lr=a.lr or 0.0,
         warmup=a.warmup if a.warmup is not None else 30, seed=a.seed, threads=a.threads,
-        resume=not a.no_resume, ckpt_every=a.ckpt_every)
+        resume=not a.no_resume, ckpt_every=a.ckpt_every,
+        **({"lm_steps": a.lm_steps} if a.lm_steps is not None else {}))
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0
@@ -57,6 +60,20 @@ def _cmd_train_flamingo(a: argparse.Namespace) -> int:
     cfg = FlamingoTrainConfig(
         out_dir=a.out or d.out_dir, lm_from=a.lm_from, lm_steps=a.lm_steps or d.lm_steps,
         steps=a.steps or d.steps, batch_size=a.batch_size or d.batch_size, lr=a.lr or d.lr,
+        warmup=a.warmup if a.warmup is not None else d.warmup, seed=a.seed, threads=a.threads,
+        resume=not a.no_resume, ckpt_every=a.ckpt_every, eval_n=a.eval_n or d.eval_n)
+    out = train(cfg)
+    print(json.dumps({"model_dir": out}))
+    return 0
+
+
+def _cmd_train_programs(a: argparse.Namespace) -> int:
+    from fmrt.train.programs import ProgramTrainConfig, train
+
+    d = ProgramTrainConfig()
+    cfg = ProgramTrainConfig(
+        out_dir=a.out or d.out_dir, steps=a.steps or d.steps,
+        batch_size=a.batch_size or d.batch_size, lr=a.lr or d.lr,
         warmup=a.warmup if a.warmup is not None else d.warmup, seed=a.seed, threads=a.threads,
         resume=not a.no_resume, ckpt_every=a.ckpt_every, eval_n=a.eval_n or d.eval_n)
     out = train(cfg)
@@ -84,6 +101,11 @@ def _cmd_train_sam(a: argparse.Namespace) -> int:
 def _eval_one(m: str, a: argparse.Namespace):
     from fmrt.pretrained import read_config
 
+    if m in ("programs", "programs-oracle"):  # visual-program tasks: real or oracle modules
+        from fmrt.chain.tasks import evaluate_program_tasks
+
+        return evaluate_program_tasks(a.n, seed=a.seed, backend=a.backend,
+                                      modules="oracle" if m == "programs-oracle" else "local")
     if read_config(m).get("family") == "sam":  # SAM: mask IoU on test scenes (torch)
         from fmrt.train.sam import evaluate_sam_model
 
@@ -195,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a model on ShapesWorld")
-    t.add_argument("family", choices=["clip", "negclip", "coca", "sam", "llava", "flamingo"])
+    t.add_argument("family", choices=["clip", "negclip", "coca", "sam", "llava", "flamingo",
+                                      "programs"])
     t.add_argument("--stage", type=int, default=1, choices=[1, 2],
                    help="llava: 1 = projector on captions, 2 = projector + LM (with --init)")
     t.add_argument("--out", help="run directory (checkpoints + final model/)")
@@ -213,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mirror-prob", type=float,
                    help="clip/negclip: share of left/right relation captions given a mirrored twin image")
     t.add_argument("--threads", type=int)
-    t.add_argument("--lm-steps", type=int, help="flamingo: steps of the text-only LM stage")
+    t.add_argument("--lm-steps", type=int, help="flamingo / llava stage 1: steps of the text-only LM stage")
     t.add_argument("--lm-from", help="flamingo: reuse a stage-1 LM model dir")
     t.add_argument("--ckpt-every", type=int, default=250)
     t.add_argument("--no-resume", action="store_true")

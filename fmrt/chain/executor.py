@@ -56,6 +56,13 @@ class RunCache:
         self._lock = threading.Lock()
         self._futs: Dict[Hashable, cf.Future] = {}
         self.hits = self.misses = 0
+        # per kind (a tuple key's first element, e.g. "sam_embedding"): [hits, misses]
+        self._kinds: Dict[str, List[int]] = {}
+
+    def _count(self, key: Hashable, hit: bool) -> None:
+        kind = key[0] if isinstance(key, tuple) and key and isinstance(key[0], str) else None
+        if kind is not None:
+            self._kinds.setdefault(kind, [0, 0])[0 if hit else 1] += 1
 
     def _claim(self, key: Hashable) -> "tuple[cf.Future, bool]":
         """The future for ``key`` and whether this caller must compute it (first to ask)."""
@@ -63,9 +70,11 @@ class RunCache:
             fut = self._futs.get(key)
             if fut is not None:
                 self.hits += 1
+                self._count(key, True)
                 return fut, False
             fut = self._futs[key] = cf.Future()
             self.misses += 1
+            self._count(key, False)
             return fut, True
 
     def get_or_compute(self, key: Hashable, fn: Callable[[], Any]) -> Any:
@@ -87,8 +96,44 @@ class RunCache:
                 fut.set_exception(e)
         return await asyncio.wrap_future(fut)
 
-    def stats(self) -> Dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "entries": len(self._futs)}
+    async def aget_or_compute_many(self, keys: List[Hashable],
+                                   fn: Callable[[List[int]], Awaitable[List[Any]]]) -> List[Any]:
+        """Values for ``keys``; the ones nobody has asked for yet are computed by ONE call
+        ``await fn(indices into keys)`` returning their values in that order (a batched encoder
+        call for the crops not seen before), the others are awaited."""
+        claims = [self._claim(k) for k in keys]
+        own = [i for i, (_, owner) in enumerate(claims) if owner]
+        if own:
+            try:
+                vals = list(await fn(own))
+                if len(vals) != len(own):
+                    raise RuntimeError(f"batch computed {len(vals)} values for {len(own)} keys")
+                for i, v in zip(own, vals):
+                    claims[i][0].set_result(v)
+            except BaseException as e:
+                for i in own:
+                    if not claims[i][0].done():
+                        claims[i][0].set_exception(e)
+        return [await asyncio.wrap_future(f) for f, _ in claims]
+
+    def stats(self) -> Dict[str, Any]:
+        """``hits``/``misses``/``entries`` plus ``by_kind``: ``{kind: {"hits", "misses"}}``
+        for tuple keys (a miss is one computation of that feature in this run)."""
+        with self._lock:
+            kinds = {k: {"hits": v[0], "misses": v[1]} for k, v in sorted(self._kinds.items())}
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self._futs),
+                "by_kind": kinds}
+
+
+class NoReuseCache(RunCache):
+    """A ``RunCache`` that never reuses: every request computes (the no-feature-reuse baseline
+    of ``benchmarks/bench_chain.py``); stats count every computation as a miss."""
+
+    def _claim(self, key: Hashable) -> "tuple[cf.Future, bool]":
+        with self._lock:
+            self.misses += 1
+            self._count(key, False)
+            return cf.Future(), True
 
 
 def image_key(img: np.ndarray) -> str:
@@ -505,5 +550,5 @@ def builtin_modules() -> Dict[str, ModuleFn]:
             "ColorPop": _color_pop, "BgBlur": _bg_blur, "Tag": _tag}
 
 
-__all__ = ["Executor", "RunCache", "RunResult", "StepContext", "StepError", "StepTrace",
-           "builtin_modules", "image_key", "png_data_url", "summarize"]
+__all__ = ["Executor", "RunCache", "NoReuseCache", "RunResult", "StepContext", "StepError",
+           "StepTrace", "builtin_modules", "image_key", "png_data_url", "summarize"]

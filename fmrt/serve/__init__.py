@@ -2,6 +2,8 @@
 
 * ``fmrt.serve.app``: deployments (``ClipEncoder``, ``Ingress``), ``AppArgs`` and ``build_app``
 * ``fmrt.serve.http``: request parsing/validation, image decoding, error responses (no Ray)
+* ``fmrt.serve.sam`` / ``fmrt.serve.vlm``: SAM and VLM deployments + routes (VLMs: OpenAI-style
+  ``POST /v1/chat/completions``, batched generation, SSE streaming)
 * ``fmrt.serve.launcher``: ``serve_main`` (``fmrt serve``): start Ray + Serve locally
 * ``fmrt/serve/config.yaml``: a Serve config file (``serve run fmrt/serve/config.yaml``)
 
@@ -18,6 +20,7 @@ _EXPORTS = {
     "build_app_from_args": "fmrt.serve.app", "ClipEncoder": "fmrt.serve.app",
     "Ingress": "fmrt.serve.app", "FamilyRoutes": "fmrt.serve.app",
     "register_family_routes": "fmrt.serve.app",
+    "VlmServer": "fmrt.serve.vlm", "VlmRoutes": "fmrt.serve.vlm",
     "ServeLimits": "fmrt.serve.http", "HTTPError": "fmrt.serve.http",
     "encode_image": "fmrt.serve.http",
     "serve_main": "fmrt.serve.launcher", "start_serve": "fmrt.serve.launcher",
