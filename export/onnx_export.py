@@ -358,6 +358,7 @@ def export_clip(model_dir_or_pretrained: Union[str, Any], out_dir: str, *,
         return paths
     manifest = {"format": EXPORT_FORMAT, "family": family, "name": name,
                 "weights_sha256": sha, "config_sha256": _json_sha256(arch),
+                "code_sha256": graph_code_sha256(family),
                 "fmrt_version": fmrt.__version__, "torch_version": torch.__version__,
                 "onnx_version": onnx.__version__, "opset": opset,
                 "exporter": "+".join(sorted(exporters)), "graphs": entries}
@@ -409,10 +410,53 @@ def read_manifest(onnx_dir: str) -> Optional[Dict[str, Any]]:
         return None
 
 
+# The source files that shape each family's traced graphs. Manifests record their sha256
+# (``code_sha256``) so a cached export written by older model or exporter code is re-exported
+# instead of silently serving the old graph: when the SAM decoder gained its folded fast path,
+# ``~/.cache/fmrt`` (keyed by weights only) kept serving the previous decoder graph.
+_GRAPH_SOURCES: Dict[str, Tuple[str, ...]] = {
+    "clip": ("fmrt.models.clip", "fmrt.models.coca", "fmrt.models.vision_transformer",
+             "fmrt.models.text_transformer", "fmrt.models.transformer", "fmrt.models.attention"),
+    "sam": ("fmrt.models.sam.common", "fmrt.models.sam.image_encoder",
+            "fmrt.models.sam.prompt_encoder", "fmrt.models.sam.two_way_transformer",
+            "fmrt.models.sam.mask_decoder", "fmrt.models.sam.sam", "export.sam_export"),
+    "vlm": ("fmrt.models.llava", "fmrt.models.llama", "fmrt.models.flamingo",
+            "fmrt.models.perceiver", "fmrt.models.kv_cache", "fmrt.kernels.gated_xattn",
+            "fmrt.models.vision_transformer", "fmrt.models.transformer", "fmrt.models.attention",
+            "export.vlm_export"),
+}
+_SOURCE_FAMILY = {"sam": "sam", "llava": "vlm", "flamingo": "vlm"}  # everything else: CLIP-like
+_code_memo: Dict[str, str] = {}
+
+
+def graph_code_sha256(family: Optional[str]) -> str:
+    """sha256 over the source text of the modules that trace ``family``'s graphs (plus the
+    shared exporter and specs), memoised per process."""
+    key = _SOURCE_FAMILY.get(str(family), "clip")
+    if key not in _code_memo:
+        import importlib.util
+
+        h = hashlib.sha256()
+        for mod in _GRAPH_SOURCES[key] + ("export.onnx_export", "export.specs"):
+            spec = importlib.util.find_spec(mod)
+            if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+                raise ExportError(f"cannot locate the source of {mod} to fingerprint the export")
+            h.update(mod.encode())
+            with open(spec.origin, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+        _code_memo[key] = h.hexdigest()
+    return _code_memo[key]
+
+
 def manifest_problem(onnx_dir: str, *, weights_sha: Optional[str] = None,
                      arch: Optional[Dict[str, Any]] = None,
-                     graphs: Optional[Dict[str, GraphSpec]] = None) -> Optional[str]:
-    """Why ``onnx_dir`` cannot serve these weights (None when it can)."""
+                     graphs: Optional[Dict[str, GraphSpec]] = None,
+                     check_code: bool = True) -> Optional[str]:
+    """Why ``onnx_dir`` cannot serve these weights (None when it can).
+
+    ``check_code``: also require the manifest's ``code_sha256`` to match today's model and
+    exporter source (the export cache); a model directory's own shipped ``onnx/`` folder passes
+    False: it is valid for its weights whatever code later loads it."""
     m = read_manifest(onnx_dir)
     if m is None:
         return f"no readable {MANIFEST_FILE} in {onnx_dir}"
@@ -422,6 +466,8 @@ def manifest_problem(onnx_dir: str, *, weights_sha: Optional[str] = None,
         return "exported from different weights (sha256 mismatch)"
     if arch is not None and m.get("config_sha256") != _json_sha256(arch):
         return "exported from a different architecture config"
+    if check_code and m.get("code_sha256") != graph_code_sha256(m.get("family")):
+        return "exported by different model/exporter code (code_sha256 mismatch)"
     names = graphs.keys() if graphs is not None else m.get("graphs", {}).keys()
     for g in names:
         e = m.get("graphs", {}).get(g)
@@ -517,7 +563,8 @@ def find_onnx_dir(model_dir: str, cache_root: Optional[str] = None, *, export: b
     sha = weights_sha256(model_dir)
     bundled = os.path.join(model_dir, "onnx")
     if os.path.isdir(bundled) and manifest_problem(bundled, weights_sha=sha, arch=arch,
-                                                   graphs=graphs_for_config(arch)) is None:
+                                                   graphs=graphs_for_config(arch),
+                                                   check_code=False) is None:
         return bundled
     if not export:
         target = cache_dir_for(model_dir, cache_root)

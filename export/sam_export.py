@@ -392,7 +392,7 @@ def export_sam(source: Any, out_dir: str, *, opset: int = DEFAULT_OPSET, dtype: 
 
     import fmrt
     from export.onnx_export import (EXPORT_FORMAT, MANIFEST_FILE, ExportError, _finalize_graph,
-                                    _json_sha256, file_sha256)
+                                    _json_sha256, file_sha256, graph_code_sha256)
 
     src = resolve_source(source)
     model = src.model
@@ -441,12 +441,14 @@ def export_sam(source: Any, out_dir: str, *, opset: int = DEFAULT_OPSET, dtype: 
                    "batch_profile": list(specs[g].batch_profile)}
                for g, p in paths.items()}
     old = _read_manifest(out_dir)
-    if old and old.get("weights_sha256") == src.sha:  # exporting a subset keeps the others
+    if (old and old.get("weights_sha256") == src.sha  # exporting a subset keeps the others
+            and old.get("code_sha256") == graph_code_sha256("sam")):
         entries = {**{g: e for g, e in old.get("graphs", {}).items()
                       if os.path.isfile(os.path.join(out_dir, e["file"]))}, **entries}
     manifest = {"format": EXPORT_FORMAT, "family": "sam", "name": src.name,
                 "weights_sha256": src.sha, "config_sha256": _json_sha256(src.arch),
-                "fmrt_version": fmrt.__version__, "torch_version": torch.__version__,
+                "code_sha256": graph_code_sha256("sam"), "fmrt_version": fmrt.__version__,
+                "torch_version": torch.__version__,
                 "onnx_version": onnx.__version__, "opset": opset, "exporter": "dynamo",
                 "graphs": entries}
     tmpf = os.path.join(out_dir, f".{MANIFEST_FILE}.{uuid.uuid4().hex}")
@@ -484,7 +486,8 @@ def sam_onnx_dir(source: Any, cache_root: Optional[str] = None, *, opset: int = 
     if src.path and os.path.isdir(src.path):
         bundled = os.path.join(src.path, "onnx")
         if os.path.isdir(bundled) and not force and manifest_problem(
-                bundled, weights_sha=src.sha, arch=src.arch, graphs=specs) is None:
+                bundled, weights_sha=src.sha, arch=src.arch, graphs=specs,
+                check_code=False) is None:
             return bundled
     target = cache_dir_for(src, cache_root)
     problem = manifest_problem(target, weights_sha=src.sha, arch=src.arch, graphs=specs)

@@ -362,7 +362,7 @@ def export_vlm(source: Any, out_dir: str, *, opset: int = 18, dynamo: bool = Fal
 
     import fmrt
     from export.onnx_export import (EXPORT_FORMAT, MANIFEST_FILE, _finalize_graph, _json_sha256,
-                                    file_sha256, weights_sha256)
+                                    file_sha256, graph_code_sha256, weights_sha256)
     from fmrt import pretrained
 
     model_dir = pretrained.resolve(os.fspath(source))
@@ -398,7 +398,8 @@ def export_vlm(source: Any, out_dir: str, *, opset: int = 18, dynamo: bool = Fal
                           "batch_profile": list(spec.batch_profile)}
     manifest = {"format": EXPORT_FORMAT, "vlm_format": VLM_EXPORT_FORMAT, "family": family,
                 "name": os.path.basename(os.path.normpath(model_dir)), "weights_sha256": sha,
-                "config_sha256": _json_sha256(arch), "fmrt_version": fmrt.__version__,
+                "config_sha256": _json_sha256(arch), "code_sha256": graph_code_sha256(family),
+                "fmrt_version": fmrt.__version__,
                 "torch_version": torch.__version__, "onnx_version": onnx.__version__,
                 "opset": opset, "exporter": "+".join(sorted(exporters)), "graphs": entries}
     tmp = os.path.join(out_dir, f".{MANIFEST_FILE}.{uuid.uuid4().hex}")
@@ -408,10 +409,11 @@ def export_vlm(source: Any, out_dir: str, *, opset: int = 18, dynamo: bool = Fal
     return paths
 
 
-def _problem(onnx_dir: str, model_dir: str, graphs: Sequence[str]) -> Optional[str]:
+def _problem(onnx_dir: str, model_dir: str, graphs: Sequence[str], check_code: bool = True
+             ) -> Optional[str]:
     from export.onnx_export import manifest_problem, read_manifest, weights_sha256
 
-    p = manifest_problem(onnx_dir, weights_sha=weights_sha256(model_dir))
+    p = manifest_problem(onnx_dir, weights_sha=weights_sha256(model_dir), check_code=check_code)
     if p:
         return p
     m = read_manifest(onnx_dir) or {}
@@ -433,7 +435,8 @@ def vlm_onnx_dir(name_or_dir: str, cache_root: Optional[str] = None, *, export: 
     family = cfg.get("family") or "llava"
     need = (["vision"] if family == "llava" else ["resampler"]) + ["lm_prefill", "lm_decode"]
     bundled = os.path.join(model_dir, "onnx")
-    if not force and os.path.isdir(bundled) and _problem(bundled, model_dir, need) is None:
+    if not force and os.path.isdir(bundled) and _problem(bundled, model_dir, need,
+                                                                 check_code=False) is None:
         return bundled
     target = cache_dir_for(model_dir, cache_root)
     problem = _problem(target, model_dir, need)

@@ -218,6 +218,24 @@ def test_stale_cache_is_replaced(model_dir, onnx_dir, tmp_path):
     assert sorted(os.listdir(root / "onnx")) == [os.path.basename(target)]  # no temp leftovers
 
 
+def test_export_by_older_code_is_replaced(model_dir, onnx_dir, tmp_path):
+    # same weights, graphs traced by different model/exporter source: re-exported, not served
+    root = tmp_path / "root"
+    target = onnx_export.cache_dir_for(model_dir, str(root))
+    shutil.copytree(onnx_dir, target)
+    m = json.load(open(os.path.join(target, "manifest.json")))
+    assert m["code_sha256"] == onnx_export.graph_code_sha256(m["family"])
+    m["code_sha256"] = "1" * 64
+    json.dump(m, open(os.path.join(target, "manifest.json"), "w"))
+    assert "code" in onnx_export.manifest_problem(target, weights_sha=m["weights_sha256"])
+    assert onnx_export.manifest_problem(target, weights_sha=m["weights_sha256"],
+                                        check_code=False) is None
+    before = onnx_export.export_count()
+    assert export_model_dir(model_dir, str(root), dynamo=False) == target
+    assert onnx_export.export_count() > before
+    assert onnx_export.manifest_problem(target, weights_sha=m["weights_sha256"]) is None
+
+
 def test_model_dir_onnx_subfolder_is_used(model_dir, onnx_dir, tmp_path):
     md = tmp_path / "with-onnx"
     shutil.copytree(model_dir, md)
