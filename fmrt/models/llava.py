@@ -17,6 +17,11 @@ layout the transformers version saved:
     ``model.multi_modal_projector.*`` (transformers 4.5x),
   with or without ``vision_model.`` inside the vision tower.
 
+fmrt extension: ``LlavaConfig.image_pos_embed = "learned"`` adds a trainable
+``image_seq_length x hidden`` position embedding (state-dict key ``image_pos_embed``) to the
+projected features inside ``image_features`` (so exports of ``image_features`` include it); the
+default ``"none"`` is exactly Hugging Face's LLaVA.
+
 fmrt's own state dict: ``vision_tower.*`` (``VisionTransformer`` minus ``proj``/``ln_post``
 usage), ``projector.{linear_1,linear_2}.*``, ``language_model.*`` (``LlamaForCausalLM``).
 """
