@@ -178,6 +178,79 @@ def test_eviction_gives_404(server):
     assert cache["entries"] == 3 and cache["bytes"] <= CACHE_BYTES and cache["evictions"] >= 1
 
 
+def _stats(server):
+    return requests.get(server["url"] + "/v1/sam/stats", timeout=TIMEOUT).json()
+
+
+def test_decoder_keeps_embedding_copies_and_revalidates(server, predictor):
+    """Predicts by id reuse the decoder's copy of the embedding (no encoder call per request),
+    give the predictor's masks, and an id the encoder evicted answers 404 once the copy's
+    confirmation is older than REVALIDATE_S."""
+    import time
+
+    from fmrt.serve.sam import REVALIDATE_S
+
+    img = _scene(20)
+    iid = _embed(server, img)["image_id"]
+    state = predictor.encode_image(img)
+    before = _stats(server)["models"]["shapes-sam"]["decoder"]
+    n = 12
+    for i in range(n):
+        p = [3 + 5 * i, 4 + 3 * i]
+        r = post(server, "/v1/sam/predict", {"image_id": iid, "points": [p], "labels": [1]})
+        assert r.status_code == 200, r.text
+        m, sc, _ = predictor.predict(point_coords=[p], point_labels=[1], image_state=state)
+        np.testing.assert_allclose(r.json()["scores"], sc, atol=1e-5)
+        np.testing.assert_array_equal(_decode(r.json()["masks"][0]), m[0])
+    after = _stats(server)["models"]["shapes-sam"]["decoder"]
+    lookups = after["batching"]["encoder_lookups"] - before["batching"]["encoder_lookups"]
+    # one fetch, then one confirmation per REVALIDATE_S at most (12 requests take ~1 s)
+    assert 1 <= lookups <= n // 2, lookups
+    assert after["state_copies"]["entries"] >= 1
+    for s in (21, 22, 23):  # the encoder cache holds 3 embeddings: iid is evicted there
+        _embed(server, _scene(s))
+    time.sleep(REVALIDATE_S + 0.2)
+    r = post(server, "/v1/sam/predict", {"image_id": iid, "points": [[3, 3]], "labels": [1]})
+    assert r.status_code == 404 and "evicted" in r.json()["error"]["message"], r.text
+
+
+def test_configure_switches_batching_and_stats_break_down_time(server):
+    """``SamDecoder.configure`` (what the benchmark alternates) turns batching off and on at
+    run time; ``/v1/sam/stats`` reports where decoder and ingress time goes."""
+    from ray import serve
+
+    from fmrt.serve.launcher import APP_NAME
+
+    h = serve.get_deployment_handle("SamDecoder-shapes-sam", APP_NAME)
+    iid = _embed(server, _scene(2))["image_id"]
+    pts = [[4 + 7 * i, 5 + 5 * i] for i in range(8)]
+
+    def burst():
+        with cf.ThreadPoolExecutor(8) as ex:
+            res = list(ex.map(lambda p: post(server, "/v1/sam/predict",
+                                             {"image_id": iid, "points": [p], "labels": [1]}),
+                              pts))
+        assert all(r.status_code == 200 for r in res), [r.text for r in res]
+        return [r.json()["batch"]["size"] for r in res]
+
+    try:
+        assert h.configure.remote(1).result(timeout_s=TIMEOUT) == {
+            "max_batch_size": 1, "batch_wait_timeout_s": APP_ARGS["batch_wait_timeout_s"]}
+        assert burst() == [1] * len(pts)
+        with pytest.raises(Exception, match="max_batch_size must be >= 1"):
+            h.configure.remote(0).result(timeout_s=TIMEOUT)
+    finally:
+        assert h.configure.remote(32).result(timeout_s=TIMEOUT)["max_batch_size"] == 32
+    assert max(burst()) > 1
+    st = _stats(server)
+    dec = st["models"]["shapes-sam"]["decoder"]["batching"]["ms_per_request"]
+    assert set(dec) == {"queue", "lookup", "decode", "encode"} and dec["decode"] > 0
+    ing = st["ingress"]["predict"]
+    assert ing["requests"] >= len(pts)
+    assert set(ing["ms_per_request"]) == {"parse", "decoder_call", "respond"}
+    assert ing["ms_per_request"]["decoder_call"] >= dec["decode"] > 0
+
+
 def test_auto_masks_decode(server, predictor):
     from fmrt.runtime.sam_amg import SamAutomaticMaskGenerator
 

@@ -796,13 +796,6 @@ FAMILY_BINDERS: Dict[str, Callable[[str, str, AppArgs, str], Application]] = {
     "clip": _bind_clip, "coca": _bind_clip}
 
 
-# Ray Serve runs a replica's user code on a second event loop in its own thread by default, so
-# every request crosses threads twice more; the ingress never blocks its loop (image decoding and
-# CPU work go to threads), so it runs user code on the replica's main loop (Ray's documented
-# throughput setting; SAM predict on 2 cores: ingress CPU per request ~13 -> ~8 ms).
-INGRESS_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-
-
 def build_app(args: AppArgs) -> Application:
     """Bind one encoder deployment per model and the shared ``Ingress``.
 
@@ -827,10 +820,7 @@ def build_app(args: AppArgs) -> Application:
                                                                              backend)
     for compose in APP_COMPOSERS:  # graphs over the bound models (fmrt.serve.chain)
         compose(families, args)
-    ingress_opts: Dict[str, Any] = {"num_cpus": 0}
-    if os.environ.get("FMRT_INGRESS_SERVE_FAST", "1") != "0":
-        ingress_opts["runtime_env"] = {"env_vars": dict(INGRESS_REPLICA_ENV)}
-    return Ingress.options(num_replicas=args.ingress_replicas, ray_actor_options=ingress_opts,
+    return Ingress.options(num_replicas=args.ingress_replicas,
                            logging_config={"enable_access_log": args.access_log}).bind(
         families, limits=dict(args.limits), request_timeout_s=args.request_timeout_s)
 
