@@ -286,6 +286,106 @@ def test_tiny_shapes_and_training_step():
         assert torch.equal(as_points[:, :2], as_box)
 
 
+# ----------------------------------------------------------------------------- factored tokens
+def _factored_vs_official(ours: Sam, ref, emb: torch.Tensor, size: int, n: int, seed: int):
+    """The automatic generator's decoder path (B single-point prompts on one image, image
+    tokens kept factored, mask head from the factored tokens via ``upscale_tokens``) against
+    segment-anything's ``predict_masks``."""
+    from fmrt.models.sam.two_way_transformer import FactoredImageTokens
+
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.rand(n, 1, 2, generator=g) * (size - 1)
+    labels = torch.ones(n, 1)
+    toks = _official_tokens(ref, points=(pts, labels))
+    want_masks, want_iou = ref.mask_decoder.predict_masks(image_embeddings=emb, **toks)
+    md = ours.mask_decoder
+    sparse, dense = ours.prompt_encoder(point_coords=pts, point_labels=labels)
+    assert torch.equal(sparse, toks["sparse_prompt_embeddings"])
+    keys, hyper_in, iou = md._run_tokens(emb, toks["image_pe"], sparse, dense[:1], factored=True)
+    assert isinstance(keys, FactoredImageTokens) and keys.shape == (n,) + keys.base.shape
+    assert (iou - want_iou).abs().max().item() < TOL
+    hw = tuple(emb.shape[-2:])
+    rows = torch.tensor([n - 1, 0])
+    masks = md.upscale_tokens(keys.select(rows), hyper_in[rows], hw)
+    assert (masks - want_masks[rows]).abs().max().item() < TOL
+    # the same tokens formed explicitly, through the tensor and the convolution heads
+    dense_keys = keys.materialize(rows)
+    assert (md.upscale_tokens(dense_keys, hyper_in[rows], hw) - masks).abs().max().item() < TOL
+    src = dense_keys.transpose(1, 2).reshape(2, -1, *hw)
+    conv = md._upscale_and_project(src, hyper_in[rows])
+    assert (conv - want_masks[rows]).abs().max().item() < TOL
+    # unfactored keys of the plain path (eval, factored=False) are the materialised ones
+    plain, _, plain_iou = md._run_tokens(emb, toks["image_pe"], sparse, dense[:1])
+    plain = plain.expand(n, -1, -1) if plain.shape[0] == 1 else plain
+    assert (plain[rows] - dense_keys).abs().max().item() < TOL
+    assert (plain_iou - iou).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_tiny_factored_decoder_matches_official(tiny_pair):
+    ref, ours = tiny_pair
+    emb = torch.randn(1, 128, 16, 16, generator=torch.Generator().manual_seed(4))
+    _factored_vs_official(ours, ref, emb, 64, n=6, seed=5)
+
+
+@torch.no_grad()
+def test_vit_b_factored_decoder_matches_official(vit_b_pair):
+    ref, ours, *_, want, _got = vit_b_pair
+    _factored_vs_official(ours, ref, want, 1024, n=3, seed=6)
+
+
+@torch.no_grad()
+def test_factoring_applies_only_where_it_pays(tiny_pair):
+    _, ours = tiny_pair
+    tr = ours.mask_decoder.transformer
+    emb, pe = torch.zeros(1, 128, 16, 16), torch.zeros(1, 128, 16, 16)
+    assert tr.can_factor(emb, pe, torch.zeros(4, 7, 128))
+    assert not tr.can_factor(emb, pe, torch.zeros(1, 7, 128))             # one prompt
+    assert not tr.can_factor(emb.expand(4, -1, -1, -1), pe, torch.zeros(4, 7, 128))
+    # K = depth (H T + 1) rows per prompt must stay <= C: 2 (4 T + 1) <= 128 up to T = 15
+    assert tr.can_factor(emb, pe, torch.zeros(4, 15, 128))
+    assert not tr.can_factor(emb, pe, torch.zeros(4, 16, 128))
+    tr.train()
+    try:
+        assert not tr.can_factor(emb, pe, torch.zeros(4, 7, 128))
+        # training: factored=True is ignored, the image tokens come back as a tensor
+        _, keys = tr(torch.randn(1, 128, 16, 16), pe, torch.randn(4, 7, 128), factored=True)
+        assert isinstance(keys, torch.Tensor) and keys.shape == (4, 256, 128)
+    finally:
+        tr.eval()
+
+
+@torch.no_grad()
+def test_final_tokens_keep_the_first_rows(tiny_pair):
+    """``final_tokens`` runs the final attention for the output tokens only; those rows equal
+    the full run's (plain and factored paths)."""
+    _, ours = tiny_pair
+    tr = ours.mask_decoder.transformer
+    g = torch.Generator().manual_seed(7)
+    emb, pe = torch.randn(1, 128, 16, 16, generator=g), torch.randn(1, 128, 16, 16, generator=g)
+    tokens = torch.randn(3, 7, 128, generator=g)
+    full, keys = tr(emb.expand(3, -1, -1, -1), pe, tokens)
+    part, keys5 = tr(emb.expand(3, -1, -1, -1), pe, tokens, final_tokens=5)
+    assert part.shape == (3, 5, 128) and torch.equal(keys, keys5)
+    assert (part - full[:, :5]).abs().max().item() < 1e-6
+    fac, z = tr(emb, pe, tokens, factored=True, final_tokens=5)
+    assert (fac - full[:, :5]).abs().max().item() < TOL
+    assert (z.materialize() - keys).abs().max().item() < TOL
+    assert (z.materialize(torch.tensor([2])) - keys[2:]).abs().max().item() < TOL
+    # listed tokens (the generator's IoU token + 3 multimask tokens)
+    picked, _ = tr(emb, pe, tokens, factored=True, final_tokens=[0, 2, 3, 4])
+    assert (picked - full[:, [0, 2, 3, 4]]).abs().max().item() < TOL
+    # the mask decoder's multimask_only: 3 hypernetwork outputs, the same IoU predictions
+    md = ours.mask_decoder
+    sparse = torch.randn(3, 2, 128, generator=g)
+    dense = torch.randn(1, 128, 16, 16, generator=g)
+    _, hyper, iou = md._run_tokens(emb, pe, sparse, dense, factored=True)
+    _, hyper3, iou3 = md._run_tokens(emb, pe, sparse, dense, factored=True, multimask_only=True)
+    assert hyper.shape == (3, 4, 16) and hyper3.shape == (3, 3, 16) and iou3.shape == (3, 4)
+    assert (hyper3 - hyper[:, 1:]).abs().max().item() < 1e-6
+    assert (iou3 - iou).abs().max().item() < 1e-6
+
+
 # ----------------------------------------------------------------------------- validation
 @pytest.fixture(scope="module")
 def tiny():

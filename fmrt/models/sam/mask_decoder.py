@@ -15,13 +15,23 @@ Parameter names match segment-anything's ``MaskDecoder`` (``iou_token``, ``mask_
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fmrt.models.sam.common import MLP, LayerNorm2d
 from fmrt.models.sam.two_way_transformer import TwoWayTransformer
+
+
+@functools.lru_cache(maxsize=8)
+def _subpixel_order(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Index of ``upscale_tokens``' sub-pixel order (i, j, a, b, a', b') for each pixel of the
+    ``4h x 4w`` mask in raster order (row ``4i + 2a + a'``, column ``4j + 2b + b'``)."""
+    return torch.arange(16 * h * w, device=device).reshape(h, w, 2, 2, 2, 2).permute(
+        0, 2, 4, 1, 3, 5).reshape(-1)
 
 
 class MaskDecoder(nn.Module):
@@ -77,6 +87,43 @@ class MaskDecoder(nn.Module):
         b, c, h, w = up.shape
         return (hyper_in @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
 
+    def upscale_tokens(self, keys, hyper_in: torch.Tensor, hw: Tuple[int, int]
+                       ) -> torch.Tensor:
+        """The mask head of ``_upscale_and_project`` on image tokens in token order, for
+        inference: ``keys`` ``B x h*w x C`` (or ``FactoredImageTokens`` of B prompts),
+        ``hyper_in`` ``B x M x C/8``; returns ``B x M x 4h x 4w`` logits (same maths, float
+        rounding only).
+
+        A stride-2 2x2 transposed convolution maps each input pixel to its own 2x2 output
+        block, so it is one GEMM ``C_in x 4 C_out`` per pixel, and the outputs can stay in
+        sub-pixel order (pixel, a, b, channel) through the LayerNorm (over the channels, now
+        the contiguous last dim: one fused ``layer_norm``), both GELUs and the hypernetwork
+        product; only the ``B x M`` masks are put in image order at the end. On shapes-sam
+        (56 prompts, 16x16 -> 64x64, one thread, shared box) the two ``conv_transpose2d``
+        calls took ~10 and ~17 ms and LayerNorm2d's 9 passes ~7 ms; here the two GEMMs take
+        ~4-5 ms each and the LayerNorm one pass (the whole head 20-25 ms against 28-43 ms);
+        from factored tokens the first GEMM is ``K`` deep per prompt
+        (``FactoredImageTokens.project``)."""
+        up1, ln, _, up2, _ = self.output_upscaling
+        C = self.transformer_dim
+        c1, c2 = up1.out_channels, up2.out_channels
+        h, w = hw
+        B, M = hyper_in.shape[:2]
+        w1 = up1.weight.permute(0, 2, 3, 1).reshape(C, 4 * c1)      # ci x (a, b, co)
+        b1 = up1.bias.repeat(4)
+        if isinstance(keys, torch.Tensor):
+            y = torch.addmm(b1, keys.reshape(-1, C), w1)
+        else:
+            y = keys.project(w1, b1)
+        y = F.gelu(F.layer_norm(y.reshape(-1, c1), (c1,), ln.weight, ln.bias, ln.eps))
+        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)     # c1 x (a', b', c2)
+        y = F.gelu(torch.addmm(up2.bias.repeat(4), y, w2))          # (i, j, a, b) x (a', b', c2)
+        masks = torch.bmm(hyper_in, y.reshape(B, h * w * 16, c2).transpose(1, 2))
+        # (i, j, a, b, a', b') -> row 4i + 2a + a', column 4j + 2b + b': one gather (an 8-d
+        # permute copy with inner extent 2 is ~7x slower)
+        idx = _subpixel_order(h, w, masks.device)
+        return masks.reshape(B * M, -1).index_select(1, idx).reshape(B, M, 4 * h, 4 * w)
+
     def _run(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
              sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,11 +136,18 @@ class MaskDecoder(nn.Module):
         return src, hyper_in, iou
 
     def _run_tokens(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
-                    sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor
+                    sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
+                    factored: bool = False, multimask_only: bool = False
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_run`` without the image-order copy: returns (image tokens ``B x h*w x C`` (batch
         1 when shared), hyper_in ``B x 4 x C/8``, iou_pred ``B x 4``). Callers that need the
-        mask head for a subset of prompts (the automatic generator) select rows first."""
+        mask head for a subset of prompts (the automatic generator) select rows first; with
+        ``factored`` the image tokens may come back as ``FactoredImageTokens`` (B prompts on
+        one image at inference, see ``TwoWayTransformer.can_factor``), whose
+        ``materialize(rows)`` forms only the selected prompts' tokens. ``multimask_only``:
+        hyper_in holds only the 3 multimask outputs (``B x 3 x C/8``); the single-mask
+        token is left out of the final attention and the hypernetworks (iou_pred keeps all
+        4: the IoU head reads only the IoU token)."""
         bs = sparse_prompt_embeddings.shape[0]
         c = self.transformer_dim
         if sparse_prompt_embeddings.dim() != 3 or sparse_prompt_embeddings.shape[-1] != c:
@@ -126,12 +180,15 @@ class MaskDecoder(nn.Module):
             src = image_embeddings + dense_prompt_embeddings
         else:
             src = image_embeddings.expand(bs, -1, -1, -1) + dense_prompt_embeddings
-        hs, keys = self.transformer(src, image_pe, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
-        hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :])
-                                for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
-        return keys, hyper_in, self.iou_prediction_head(iou_token_out)
+        # only the IoU and (wanted) mask tokens' outputs are read: the final attention skips
+        # the rest
+        masks = range(1 if multimask_only else 0, self.num_mask_tokens)
+        hs, keys = self.transformer(src, image_pe, tokens, factored=factored,
+                                    final_tokens=[0] + [1 + i for i in masks] if multimask_only
+                                    else 1 + self.num_mask_tokens)
+        hyper_in = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + j, :])
+                                for j, i in enumerate(masks)], dim=1)
+        return keys, hyper_in, self.iou_prediction_head(hs[:, 0, :])
 
     # ------------------------------------------------------------------ public
     def predict_masks(self, *, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
