@@ -47,7 +47,13 @@ def _cmd_train_llava(a: argparse.Namespace) -> int:
         batch_size=a.batch_size or 32, lr=a.lr or 0.0,
         warmup=a.warmup if a.warmup is not None else 30, seed=a.seed, threads=a.threads,
         resume=not a.no_resume, ckpt_every=a.ckpt_every,
-        **({"lm_steps": a.lm_steps} if a.lm_steps is not None else {}))
+        **({"lm_steps": a.lm_steps} if a.lm_steps is not None else {}),
+        **({"loss_weighting": a.loss_weighting} if a.loss_weighting else {}),
+        **({"image_feature_norm": a.image_feature_norm} if a.image_feature_norm else {}),
+        **({"projector_lr_scale": a.projector_lr_scale} if a.projector_lr_scale else {}),
+        **({"qa_first_steps": a.qa_first_steps} if a.qa_first_steps else {}),
+        **({"mix": json.loads(a.mix)} if a.mix else {}),
+        **({"turns": a.turns} if a.turns else {}))
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0
@@ -238,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int)
     t.add_argument("--lm-steps", type=int, help="flamingo / llava stage 1: steps of the text-only LM stage")
     t.add_argument("--lm-from", help="flamingo: reuse a stage-1 LM model dir")
+    t.add_argument("--loss-weighting", choices=["token", "answer"], help="llava: loss mean")
+    t.add_argument("--image-feature-norm", choices=["none", "rms"],
+                   help="llava stage 1: RMSNorm on the projected image features")
+    t.add_argument("--projector-lr-scale", type=float, help="llava: projector lr multiplier")
+    t.add_argument("--mix", help='llava stage 2: task weights as JSON, e.g. \'{"count": 0.2, ...}\'')
+    t.add_argument("--turns", type=int, help="llava: question-answer turns per image")
+    t.add_argument("--qa-first-steps", type=int,
+                   help="llava stage 2: first steps on short questions only (curriculum)")
     t.add_argument("--ckpt-every", type=int, default=250)
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--max-prompts-per-image", type=int, help="sam: objects prompted per image")

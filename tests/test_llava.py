@@ -154,6 +154,46 @@ def test_image_pos_embed_default_off_and_learned():
         assert torch.allclose(ml(ids, px[:1]), ml(ids, image_features=f[:1]))
 
 
+def test_image_feature_norm_default_off_and_rms():
+    m = fmrt.create_model("shapes-llava-tiny").eval()
+    assert m.config.image_feature_norm == "none" and not hasattr(m, "image_norm")
+    with pytest.raises(ValueError, match="image_feature_norm"):
+        fmrt.create_model("shapes-llava-tiny", image_feature_norm="layer")
+    mn = fmrt.create_model("shapes-llava-tiny", image_feature_norm="rms").eval()
+    mn.load_state_dict({**m.state_dict(), "image_norm.weight": mn.image_norm.weight.detach()})
+    px = 10 * torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        base, f = m.image_features(px), mn.image_features(px)
+        # image_features = RMSNorm(projector output): every token at norm 0.1 * sqrt(160)
+        assert torch.allclose(f.norm(dim=-1), torch.full((2, 64), 0.1 * 160 ** 0.5), rtol=1e-3)
+        want = base / base.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * 0.1
+        assert torch.allclose(f, want, atol=1e-5)
+        ids = torch.tensor([[1] + [86] * 64 + [40, 87]])
+        assert torch.allclose(mn(ids, px[:1]), mn(ids, image_features=f[:1]))
+
+
+def test_answer_loss_weighting():
+    import torch.nn.functional as F
+
+    from fmrt.train.llava import LlavaTrainConfig, answer_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 10)
+    # row 0: a 3-token answer (positions 3-5) and a 1-token one (7); row 1: one token (2)
+    labels = torch.full((2, 8), -100)
+    labels[0, 3:6] = torch.tensor([5, 6, 7])
+    labels[0, 7] = 8
+    labels[1, 2] = 3
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 10), labels[:, 1:].reshape(-1),
+                         ignore_index=-100, reduction="none").reshape(2, 7)
+    per_answer = (ce[0, 2:5].mean() + ce[0, 6] + ce[1, 1]) / 3
+    per_token = (ce[0, 2:5].sum() + ce[0, 6] + ce[1, 1]) / 5
+    assert torch.allclose(answer_loss(logits, labels, "answer"), per_answer)
+    assert torch.allclose(answer_loss(logits, labels), per_token)
+    with pytest.raises(ValueError, match="loss_weighting"):
+        LlavaTrainConfig(loss_weighting="row")
+
+
 # ----------------------------------------------------------------------------- vocabulary / data
 def test_vlm_tokenizer_specials_and_point_roundtrip(tmp_path):
     tok = build_vlm_tokenizer()
@@ -243,7 +283,8 @@ def test_train_two_stages_smoke(tmp_path):
     assert not torch.equal(p2.model.vision_tower.conv1.weight, m1.vision_tower.conv1.weight)
     # ... and keeps it frozen by default
     s2f = train(LlavaTrainConfig(stage=2, steps=1, batch_size=2, init_from=s1,
-                                 out_dir=str(tmp_path / "s2f"), threads=1), progress=False)
+                                 out_dir=str(tmp_path / "s2f"), threads=1, qa_first_steps=1,
+                                 loss_weighting="answer", turns=4), progress=False)
     assert torch.equal(load_pretrained(s2f).model.vision_tower.conv1.weight,
                        m1.vision_tower.conv1.weight)
     prov = p2.config["provenance"]

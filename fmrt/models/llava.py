@@ -20,7 +20,8 @@ layout the transformers version saved:
 fmrt extension: ``LlavaConfig.image_pos_embed = "learned"`` adds a trainable
 ``image_seq_length x hidden`` position embedding (state-dict key ``image_pos_embed``) to the
 projected features inside ``image_features`` (so exports of ``image_features`` include it); the
-default ``"none"`` is exactly Hugging Face's LLaVA.
+default ``"none"`` is exactly Hugging Face's LLaVA. Likewise ``image_feature_norm = "rms"``
+(state-dict key ``image_norm.weight``) normalises the projected features to about text scale.
 
 fmrt's own state dict: ``vision_tower.*`` (``VisionTransformer`` minus ``proj``/``ln_post``
 usage), ``projector.{linear_1,linear_2}.*``, ``language_model.*`` (``LlamaForCausalLM``).
@@ -43,6 +44,7 @@ from fmrt.models.vision_transformer import VisionTransformer
 PROJECTORS = ("linear", "mlp2x_gelu")
 SELECT_STRATEGIES = ("default", "full")
 IMAGE_POS_EMBEDS = ("none", "learned")
+IMAGE_FEATURE_NORMS = ("none", "rms")
 _PROJ_ACTS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
               "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "relu": F.relu,
               "silu": F.silu}
@@ -68,6 +70,13 @@ class LlavaConfig(ConfigMixin):
     # which patch it is without relying on the tower keeping CLIP's input position embedding
     # through its blocks. "none" (default) is exactly HF LLaVA.
     image_pos_embed: str = "none"
+    # fmrt extension: "rms" puts an RMSNorm (learned gain, initialised to image_norm_init) on
+    # the projector output, before the optional position embedding, so image tokens enter the
+    # LM residual stream at about text-embedding scale (trained shapes-llava text embeddings
+    # have norm ~1.2; without it the projected features grew from norm ~1 to ~56 in stage 2).
+    # "none" (default) is exactly HF LLaVA.
+    image_feature_norm: str = "none"
+    image_norm_init: float = 0.1   # per-channel gain: output norm ~0.1*sqrt(hidden) (1.26 at 160)
 
     def __post_init__(self) -> None:
         if self.projector not in PROJECTORS:
@@ -80,6 +89,9 @@ class LlavaConfig(ConfigMixin):
         if self.image_pos_embed not in IMAGE_POS_EMBEDS:
             raise ValueError(f"image_pos_embed must be one of {IMAGE_POS_EMBEDS}, got "
                              f"{self.image_pos_embed!r}")
+        if self.image_feature_norm not in IMAGE_FEATURE_NORMS:
+            raise ValueError(f"image_feature_norm must be one of {IMAGE_FEATURE_NORMS}, got "
+                             f"{self.image_feature_norm!r}")
         n = self.vision.layers
         if not -(n + 1) <= self.vision_feature_layer <= n:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} outside the "
@@ -139,6 +151,12 @@ class LlavaForConditionalGeneration(nn.Module):
             # std 0.02: the LM's embedding init scale (fmrt.models.llama)
             self.image_pos_embed = nn.Parameter(
                 0.02 * torch.randn(config.image_seq_length, config.text.hidden_size))
+        if config.image_feature_norm == "rms":
+            from fmrt.models.llama import RMSNorm
+
+            self.image_norm = RMSNorm(config.text.hidden_size, eps=config.text.rms_norm_eps)
+            with torch.no_grad():
+                self.image_norm.weight.fill_(config.image_norm_init)
         self.language_model = LlamaForCausalLM(config.text)
 
     # -- image side -----------------------------------------------------------------------
@@ -163,12 +181,14 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def project_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """``vision_hidden`` output ``B x (1 + g*g) x W`` -> projected features
-        ``B x image_seq_length x hidden`` (token selection, projector, optional position
-        embedding); ``image_features`` = ``project_hidden(vision_hidden(pixel_values))``."""
+        ``B x image_seq_length x hidden`` (token selection, projector, optional RMSNorm,
+        optional position embedding); ``image_features`` = ``project_hidden(vision_hidden(pixel_values))``."""
         h = hidden
         if self.config.vision_feature_select_strategy == "default":
             h = h[:, 1:]
         f = self.projector(h.to(self.projector.linear_1.weight.dtype))
+        if self.config.image_feature_norm == "rms":
+            f = self.image_norm(f)
         if self.config.image_pos_embed == "learned":
             f = f + self.image_pos_embed.to(f.dtype)
         return f
