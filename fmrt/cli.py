@@ -31,6 +31,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         threads=a.threads, resume=not a.no_resume, ckpt_every=a.ckpt_every,
         single_prob=a.single_prob if a.single_prob is not None else defaults.single_prob,
         mirror_prob=a.mirror_prob if a.mirror_prob is not None else defaults.mirror_prob,
+        structure_weight=a.structure_weight or 0.0,
+        text_structure_weight=a.text_structure_weight or 0.0, structure_tied=a.structure_tied,
         hard_negative_weight=(a.hard_negative_weight if a.hard_negative_weight is not None
                               else defaults.hard_negative_weight))
     out = train(cfg)
@@ -241,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--single-prob", type=float, help="share of one-object scenes")
     t.add_argument("--mirror-prob", type=float,
                    help="clip/negclip: share of left/right relation captions given a mirrored twin image")
+    t.add_argument("--structure-weight", type=float,
+                   help="clip/negclip: auxiliary scene-structure loss on image embeddings")
+    t.add_argument("--text-structure-weight", type=float,
+                   help="clip/negclip: auxiliary caption-structure loss on text embeddings")
+    t.add_argument("--structure-tied", action="store_true",
+                   help="clip/negclip: one fixed orthonormal readout for both structure losses")
     t.add_argument("--threads", type=int)
     t.add_argument("--lm-steps", type=int, help="flamingo / llava stage 1: steps of the text-only LM stage")
     t.add_argument("--lm-from", help="flamingo: reuse a stage-1 LM model dir")

@@ -246,3 +246,51 @@ def test_cli_serve_model_list():
     assert set(resolve_model_list("clip")) >= {"shapes-clip", "shapes-negclip"}
     with pytest.raises(ValueError):
         resolve_model_list("nope")
+
+
+def test_structure_targets_sign_and_alignment():
+    """The auxiliary structure codes (``--structure-weight`` / ``--text-structure-weight``):
+    a caption's code dotted with an image's code is larger for the true relation than for its
+    order swap, and attribute swaps change the code (bag-of-words captions cannot)."""
+    from fmrt.data import ShapesWorld, is_true, parse_caption
+    from fmrt.train.contrastive import STRUCTURE_GROUPS, caption_structure, scene_structure
+
+    world = ShapesWorld(image_size=64, seed=3)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(200):
+        sc = world.sample_scene(rng, num_objects=2)
+        if len(sc.objects) != 2:
+            continue
+        a, b = sc.objects
+        if a.shape == b.shape or a.color == b.color or abs(a.center[0] - b.center[0]) < 16:
+            continue
+        left, right = (a, b) if a.center[0] < b.center[0] else (b, a)
+        true = parse_caption(f"a {left.color} {left.shape} to the left of a {right.color} {right.shape}")
+        swap = parse_caption(f"a {right.color} {right.shape} to the left of a {left.color} {left.shape}")
+        assert is_true(sc, true) and not is_true(sc, swap)
+        s = scene_structure(sc)
+        assert s.shape == (len(STRUCTURE_GROUPS), 3)
+        assert (caption_structure(true) * s).sum() > (caption_structure(swap) * s).sum()
+        checked += 1
+    assert checked >= 10
+    c = caption_structure(parse_caption("a red circle and a blue square"))
+    d = caption_structure(parse_caption("a blue circle and a red square"))
+    assert c[:, 0].sum() == d[:, 0].sum() == 2 and not np.array_equal(c, d)
+
+
+def test_structure_losses_train_and_drop_heads(tmp_path):
+    """A NegCLIP step with both (tied) structure losses runs; the saved model has exactly the
+    plain CLIP keys (the readout is not part of the model, so export and serving are unchanged)."""
+    clip_dir = train(TrainConfig(out_dir=str(tmp_path / "c"), batch_size=8, steps=1, warmup=1),
+                     progress=False)
+    neg = train(TrainConfig(family="negclip", init_from=clip_dir, out_dir=str(tmp_path / "n"),
+                            batch_size=8, steps=2, warmup=1, hard_negatives=2,
+                            structure_weight=1.0, text_structure_weight=1.0,
+                            structure_tied=True), progress=False)
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(clip_dir, "model.safetensors"))
+    b = load_file(os.path.join(neg, "model.safetensors"))
+    assert set(a) == set(b)
+    assert fmrt.load(neg).encode_text(["a red circle"]).shape == (1, 128)

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fmrt.preprocess import PreprocessConfig, uint8_batch_to_tensor
 from fmrt.train import common
@@ -48,6 +49,11 @@ class TrainConfig:
     hard_negatives: int = 0            # hard negatives per caption on the text side (NegCLIP)
     hard_negative_weight: float = 1.0  # weight of the per-image ranking term (with negatives)
     mirror_prob: float = 0.0           # share of left/right relation captions given a mirrored twin
+    # Auxiliary structure codes (StructureHeads; off by default). Probe findings (BENCHMARKS):
+    # they did not lift hard-negative accuracy; the text tower never learned relation roles.
+    structure_weight: float = 0.0      # image embedding -> per-group presence and x, y
+    text_structure_weight: float = 0.0 # caption embedding -> per-group mention and role dx, dy
+    structure_tied: bool = False       # one fixed orthonormal readout for both towers
     ckpt_every: int = 250
     threads: Optional[int] = None
     resume: bool = True
@@ -130,8 +136,83 @@ class ShapesCaptionStream:
         for i, flip in enumerate(flips):
             if flip:  # the twin's pixels are exactly the mirrored original (see mirror_twin)
                 images[i] = images[i - 1][:, ::-1]
-        return {"images": images, "captions": caps, "hard_negatives": negs,
-                "positives": positives}
+        out = {"images": images, "captions": caps, "hard_negatives": negs,
+               "positives": positives}
+        if cfg.structure_weight:
+            out["structure"] = np.stack([scene_structure(sc) for sc in scenes])
+        if cfg.text_structure_weight:
+            out["text_structure"] = np.stack([caption_structure(c) for c in columns])
+        return out
+
+
+def _structure_groups():
+    from fmrt.data.vocab import COLORS, SHAPES, SIZES
+
+    groups = [("color", "shape", c, s) for c in COLORS for s in SHAPES]
+    groups += [("shape", None, s, None) for s in SHAPES]
+    groups += [("size", "shape", z, s) for z in SIZES for s in SHAPES]
+    return groups
+
+
+STRUCTURE_GROUPS = _structure_groups()
+
+
+def scene_structure(scene) -> np.ndarray:
+    """``G x 3`` float32 targets of the auxiliary structure head, one row per object group of
+    :data:`STRUCTURE_GROUPS` ((color, shape) pairs, shapes, (size, shape) pairs): whether the
+    group is present (1/0) and the mean center x, y of its objects in [-1, 1] (0 when the group
+    is absent; the loss masks positions of absent groups). Presence, not the count: counts are
+    told apart by words alone, so the contrastive and ranking losses learn them; binding and
+    relations are what a bag-of-words embedding cannot hold."""
+    size = scene.image_size
+    out = np.zeros((len(STRUCTURE_GROUPS), 3), np.float32)
+    for g, (a1, a2, v1, v2) in enumerate(STRUCTURE_GROUPS):
+        objs = [o for o in scene.objects
+                if getattr(o, a1) == v1 and (a2 is None or getattr(o, a2) == v2)]
+        if objs:
+            out[g, 0] = 1.0
+            out[g, 1] = 2.0 * np.mean([o.center[0] for o in objs]) / size - 1.0
+            out[g, 2] = 2.0 * np.mean([o.center[1] for o in objs]) / size - 1.0
+    return out
+
+
+_REL_DIRECTION = {"to the left of": (-1.0, 0.0), "to the right of": (1.0, 0.0),
+                  "above": (0.0, -1.0), "below": (0.0, 1.0)}
+
+
+def _phrase_groups(p) -> List[int]:
+    idx = []
+    for g, (a1, a2, v1, v2) in enumerate(STRUCTURE_GROUPS):
+        if getattr(p, a1) == v1 and (a2 is None and (p.color is None if a1 == "shape" else p.shape is None)
+                                     or a2 is not None and getattr(p, a2) == v2):
+            idx.append(g)
+    return idx
+
+
+def caption_structure(caption) -> np.ndarray:
+    """``G x 3`` float32 targets of the auxiliary text structure head (groups as
+    :func:`scene_structure`): per group named by a phrase, its mention (1) and the relation role (subject of "to the left of" -> dx -1, its object
+    dx +1; above/below on dy), the signed direction an image's group position must have for
+    the caption to hold."""
+    out = np.zeros((len(STRUCTURE_GROUPS), 3), np.float32)
+    for cl in caption.clauses:
+        d = _REL_DIRECTION.get(cl.relation) if cl.relation else None
+        for role, p in enumerate(cl.phrases):
+            for g in _phrase_groups(p):
+                out[g, 0] = 1.0
+                if d is not None:
+                    sign = 1.0 if role == 0 else -1.0  # the object moves the other way
+                    out[g, 1] += sign * d[0]
+                    out[g, 2] += sign * d[1]
+    return out
+
+
+def structure_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """pred, target: ``B x G x 3``; MSE on counts, MSE on positions of present groups."""
+    present = (target[..., 0] > 0).to(pred.dtype)
+    count = F.mse_loss(pred[..., 0], target[..., 0])
+    pos = (((pred[..., 1:] - target[..., 1:]) ** 2).sum(-1) * present).sum() / present.sum().clamp(min=1)
+    return count + 0.5 * pos
 
 
 _MIRROR_WORDS = {"left": "right", "right": "left"}
@@ -166,6 +247,52 @@ def mirror_twin(scene, caption, rng, k: int):
     mcap = parse_caption(" ".join(_MIRROR_WORDS.get(w, w) for w in words))
     mneg = hard_negatives(msc, mcap, rng, k)
     return (msc, mcap, mneg) if len(mneg) == k else None
+
+
+class StructureHeads(torch.nn.Module):
+    """Auxiliary readouts from L2-normalised embeddings to the structure codes of
+    :func:`scene_structure` (images) and :func:`caption_structure` (captions). Not part of the
+    model: saved beside the checkpoints, dropped from the final model directory, so export and
+    serving see a plain CLIP.
+
+    ``tied=False``: two free linear heads (the embedding only has to hold the code linearly,
+    at any norm). ``tied=True``: one fixed readout with orthonormal rows (seed 1234) for both
+    towers and a learned gain per tower (init 4, the norm of a 4-object scene code): image and
+    caption codes then sit on the same embedding coordinates, so the CLIP score img . txt
+    contains ``s_img . s_txt / (g_img g_txt)`` = sum over groups of presence * mention +
+    x * dx + y * dy, positive exactly when the named relation holds.
+    """
+
+    def __init__(self, *, embed_dim: int, tied: bool) -> None:
+        super().__init__()
+        n = len(STRUCTURE_GROUPS) * 3
+        if n > embed_dim and tied:
+            raise ValueError(f"a tied readout needs embed_dim >= {n}, got {embed_dim}")
+        self.tied = tied
+        if tied:
+            g = torch.Generator().manual_seed(1234)
+            q, _ = torch.linalg.qr(torch.randn(embed_dim, n, generator=g))
+            self.register_buffer("readout", q.t().contiguous())       # n x E, orthonormal rows
+            self.gain = torch.nn.Parameter(torch.tensor([4.0, 4.0]))  # image, text
+        else:
+            self.image_head = torch.nn.Linear(embed_dim, n)
+            self.text_head = torch.nn.Linear(embed_dim, n)
+            self.scale = embed_dim ** 0.5  # unit-norm inputs -> O(1) features
+
+    def _predict(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        if self.tied:
+            out = self.gain[which] * x @ self.readout.t()
+        else:
+            out = (self.image_head if which == 0 else self.text_head)(x * self.scale)
+        return out.view(x.shape[0], -1, 3)
+
+    def image_loss(self, image_features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """image_features: ``B x E`` normalised; target: ``B x G x 3`` (scene_structure)."""
+        return structure_loss(self._predict(image_features, 0), target)
+
+    def text_loss(self, text_features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """text_features: ``T x E`` normalised; target: ``T x G x 3`` (caption_structure)."""
+        return F.mse_loss(self._predict(text_features, 1), target) * 3
 
 
 def canonical_command(argv: List[str]) -> Optional[str]:
@@ -209,6 +336,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> str:
         start = common.load_checkpoint(cfg.out_dir, model, opt)
         print(f"resuming {cfg.out_dir} at step {start}", file=sys.stderr)
     stream = ShapesCaptionStream(cfg)
+    heads = aux_opt = None
+    if (cfg.structure_weight or cfg.text_structure_weight) and cfg.family != "coca":
+        heads = StructureHeads(embed_dim=model.embed_dim, tied=cfg.structure_tied)
+        heads_path = os.path.join(cfg.out_dir, "structure_heads.safetensors")
+        if start and os.path.isfile(heads_path):
+            from safetensors.torch import load_file
+
+            heads.load_state_dict(load_file(heads_path))
+        # the tied readout is fixed; only its two gains learn, at a scalar's learning rate
+        aux_opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad],
+                                    lr=1e-2 if cfg.structure_tied else cfg.lr, weight_decay=0.0)
     bar = common.Progress(cfg.steps, initial=start, desc=f"train {cfg.family}") if progress else None
     t0 = time.time()
     for step, batch in common.prefetch(stream, start, cfg.steps):
@@ -235,13 +373,32 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> str:
                 rank = fmrt.models.hard_negative_ranking_loss(img, txt, hn, scale)
                 loss = loss + cfg.hard_negative_weight * rank
                 parts = {"rank": float(rank.detach())}
+            if heads is not None and cfg.text_structure_weight:
+                allt = txt if hn is None else torch.cat([txt, hn], 0)
+                tst = heads.text_loss(allt, torch.from_numpy(batch["text_structure"]))
+                loss = loss + cfg.text_structure_weight * tst
+                parts["tstruct"] = float(tst.detach())
+            if heads is not None and cfg.structure_weight:
+                st = heads.image_loss(img, torch.from_numpy(batch["structure"]))
+                loss = loss + cfg.structure_weight * st
+                parts["struct"] = float(st.detach())
         opt.zero_grad(set_to_none=True)
+        if aux_opt is not None:
+            aux_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if aux_opt is not None:
+            aux_opt.step()
         if bar:
             bar.update(loss=float(loss.detach()), lr=lr, **parts)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            if heads is not None:  # before the state json, which marks the checkpoint complete
+                from safetensors.torch import save_file
+
+                os.makedirs(cfg.out_dir, exist_ok=True)
+                save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()},
+                          os.path.join(cfg.out_dir, "structure_heads.safetensors"))
             common.save_checkpoint(cfg.out_dir, model, opt, step + 1,
                                    {"config": asdict(cfg), "elapsed_s": time.time() - t0})
     wall = bar.close() if bar else time.time() - t0
