@@ -422,20 +422,38 @@ class FamilyRoutes:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- helpers
-    async def call(self, response) -> Any:
-        """Await a ``DeploymentResponse`` with the request timeout (504 when exceeded)."""
+    @staticmethod
+    def map_exception(e: BaseException) -> Optional[H.HTTPError]:
+        """The family's HTTP error for an exception raised in a replica (e.g. a typed request
+        error -> 4xx with its message); None lets it propagate (500)."""
+        return None
+
+    #: what a 504 says did not answer in time
+    upstream: ClassVar[str] = "the model"
+
+    async def call(self, response, timeout_s: Optional[float] = None) -> Any:
+        """Await a ``DeploymentResponse`` with the request timeout (``timeout_s``, default the
+        app's; 504 when exceeded); replica exceptions go through ``map_exception``."""
         async def _wait():
             return await response
 
+        t = self.timeout_s if timeout_s is None else timeout_s
         try:
-            return await asyncio.wait_for(_wait(), self.timeout_s)
+            return await asyncio.wait_for(_wait(), t)
         except asyncio.TimeoutError:
             try:
                 response.cancel()
             except Exception:
                 pass
-            raise H.HTTPError(504, f"the model did not answer within {self.timeout_s:g} s",
+            raise H.HTTPError(504, f"{self.upstream} did not answer within {t:g} s",
                               "timeout") from None
+        except H.HTTPError:
+            raise
+        except Exception as e:
+            err = self.map_exception(e)
+            if err is None:
+                raise
+            raise err from None
 
     def select(self, body: Dict[str, Any]) -> Tuple[str, Any]:
         name = H.get_str(body, "model")

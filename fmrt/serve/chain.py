@@ -382,27 +382,8 @@ class ChainRoutes(FamilyRoutes):
         return [Route("POST", f"{self.prefix}/programs/run", self.run),
                 Route("POST", f"{self.prefix}/point-segment", self.point_segment)]
 
-    async def call(self, response, timeout_s: Optional[float] = None) -> Any:
-        async def _wait():
-            return await response
-
-        t = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            return await asyncio.wait_for(_wait(), t)
-        except asyncio.TimeoutError:
-            try:
-                response.cancel()
-            except Exception:
-                pass
-            raise H.HTTPError(504, f"the program runner did not answer within {t:g} s",
-                              "timeout") from None
-        except H.HTTPError:
-            raise
-        except Exception as e:
-            err = map_chain_exception(e)
-            if err is None:
-                raise
-            raise err from None
+    map_exception = staticmethod(map_chain_exception)
+    upstream = "the program runner"
 
     async def _images(self, body: Dict[str, Any]) -> Dict[str, np.ndarray]:
         raw = body.get("images")

@@ -706,16 +706,7 @@ class SamRoutes(FamilyRoutes):
                 Route("POST", f"{p}/auto", self.auto),
                 Route("GET", f"{p}/stats", self.stats)]
 
-    async def call(self, response) -> Any:
-        try:
-            return await super().call(response)
-        except H.HTTPError:
-            raise
-        except Exception as e:
-            err = map_sam_exception(e)
-            if err is None:
-                raise
-            raise err from None
+    map_exception = staticmethod(map_sam_exception)
 
     async def _image(self, body, key: str = "image") -> np.ndarray:
         s = body.get(key)

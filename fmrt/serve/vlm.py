@@ -785,16 +785,7 @@ class VlmRoutes(FamilyRoutes):
         return [Route("POST", f"{self.prefix}/chat/completions", self.chat_completions),
                 Route("GET", f"{self.prefix}/vlm/stats", self.stats)]
 
-    async def call(self, response) -> Any:
-        try:
-            return await super().call(response)
-        except H.HTTPError:
-            raise
-        except Exception as e:
-            err = map_vlm_exception(e)
-            if err is None:
-                raise
-            raise err from None
+    map_exception = staticmethod(map_vlm_exception)
 
     async def _model_meta(self, name: str, handle) -> Dict[str, Any]:
         """``max_images`` / ``context_length`` of a served model (asked once, then cached), so
