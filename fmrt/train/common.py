@@ -32,6 +32,21 @@ def cosine_lr(step: int, *, total: int, warmup: int, base_lr: float, min_ratio: 
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, *, lr: float,
+                   max_norm: float = 1.0) -> float:
+    """One update shared by the trainers: set ``lr`` on every group (times the group's
+    ``lr_scale`` when it has one, e.g. LLaVA's tuned vision tower), clear the grads, backward,
+    clip the global grad norm of ``params`` to ``max_norm`` and step. Returns the norm before
+    clipping. Grads stay in place until the next call (for logging)."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    return float(norm)
+
+
 def adamw(model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.98),
           eps: float = 1e-6) -> torch.optim.AdamW:
     """AdamW with no decay on gains, biases, embeddings and the logit scale (CLIP recipe)."""

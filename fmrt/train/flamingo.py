@@ -94,13 +94,8 @@ def train_lm(cfg: FlamingoTrainConfig, tok, preprocess, out_dir: str) -> str:
 
     for step, (ids, labels) in common.prefetch(make, 0, cfg.lm_steps):
         lr = common.cosine_lr(step, total=cfg.lm_steps, warmup=cfg.warmup, base_lr=cfg.lm_lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
         loss = lm_loss(lm(ids), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
+        common.optimizer_step(opt, loss, lm.parameters(), lr=lr)
         bar.update(loss=loss.item(), lr=lr)
     secs = bar.close()
     lm.eval()
@@ -233,13 +228,8 @@ def train(cfg: FlamingoTrainConfig) -> str:
     params = [p for p in model.parameters() if p.requires_grad]
     for step, b in common.prefetch(make, start, cfg.steps):
         lr = common.cosine_lr(step, total=cfg.steps, warmup=cfg.warmup, base_lr=cfg.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
         loss = lm_loss(model(b["input_ids"], images=b["images"]), b["labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        common.optimizer_step(opt, loss, params, lr=lr)
         bar.update(loss=loss.item(), lr=lr)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             common.save_checkpoint(ckpt, model, opt, step + 1)

@@ -256,13 +256,8 @@ def train_lm_text_only(model, tok, cfg: LlavaTrainConfig, *, progress: bool = Tr
     t0, loss = time.time(), torch.tensor(float("nan"))
     for step, batch in common.prefetch(stream, 0, cfg.lm_steps):
         lr = common.cosine_lr(step, total=cfg.lm_steps, warmup=cfg.warmup, base_lr=cfg.lm_lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
         loss = answer_loss(lm(batch["input_ids"]), batch["labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
+        common.optimizer_step(opt, loss, lm.parameters(), lr=lr)
         if bar:
             bar.update(loss=loss.item(), lr=lr)
     wall = bar.close() if bar else time.time() - t0
@@ -340,24 +335,19 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
     last_loss = float("nan")
     for step, batch in common.prefetch(make_batch, start, cfg.steps):
         lr = common.cosine_lr(step, total=cfg.steps, warmup=cfg.warmup, base_lr=cfg.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
         images = uint8_batch_to_tensor(batch["images"], pre)
         with torch.set_grad_enabled(tune_vision):
             hidden = model.vision_hidden(images)
         feats = model.project_hidden(hidden)
         logits = model(batch["input_ids"], image_features=feats)
         loss = answer_loss(logits, batch["labels"], cfg.loss_weighting)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        if step % 50 == 0:
+        gnorm = common.optimizer_step(opt, loss, params, lr=lr)
+        if step % 50 == 0:  # grads are still in place (clipped) after the step
             pn = [p.grad.norm() for n, p in model.named_parameters()
                   if p.grad is not None and n.startswith("projector.")]
             print(f"step {step} loss {loss.item():.4f} grad_norm {gnorm:.3f} projector_grad "
                   f"{float(torch.stack(pn).norm()) if pn else 0.0:.3f} image_feat_norm "
                   f"{float(feats.detach().norm(dim=-1).mean()):.2f}", file=sys.stderr)
-        opt.step()
         last_loss = float(loss.detach())
         if bar:
             bar.update(loss=last_loss, lr=lr)

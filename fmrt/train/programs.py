@@ -213,15 +213,10 @@ def train(cfg: ProgramTrainConfig) -> str:
     for step, (ids, lab) in common.prefetch(
             lambda s: training_batch(tok, s, cfg.batch_size, cfg.seed), start, cfg.steps):
         lr = common.cosine_lr(step, total=cfg.steps, warmup=cfg.warmup, base_lr=cfg.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
         logits = model(ids)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                lab[:, 1:].reshape(-1), ignore_index=tok.IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        common.optimizer_step(opt, loss, model.parameters(), lr=lr)
         bar.update(loss=loss.item(), lr=lr)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             common.save_checkpoint(ckpt, model, opt, step + 1)

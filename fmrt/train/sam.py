@@ -403,13 +403,8 @@ def train(cfg: SamTrainConfig, *, progress: bool = True, eval_n: int = 0) -> str
     history: List[float] = []
     for step, batch in common.prefetch(stream, start, cfg.steps):
         lr = common.cosine_lr(step, total=cfg.steps, warmup=cfg.warmup, base_lr=cfg.lr)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
         loss, logs = train_step_loss(model, batch, cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        common.optimizer_step(opt, loss, model.parameters(), lr=lr)
         history.append(float(loss.detach()))
         if bar:
             bar.update(loss=history[-1], lr=lr, **logs)
