@@ -379,19 +379,30 @@ def ensure_variant(model_dir: str, onnx_dir: str, graph: str, dtype: str, *,
 
     model_dir = pretrained.resolve(model_dir)
     spec = graphs_for_config(pretrained.read_config(model_dir)["config"])[graph]
-    fname = variant_file(spec, dtype)
+    return place_variant(
+        onnx_dir, variant_file(spec, dtype),
+        lambda: export_model_dir(model_dir, cache_root, opset=opset),
+        lambda tmp: export_clip(model_dir, tmp, opset=opset, dtype=dtype, graphs=[graph],
+                                dynamo=dynamo)[graph])
+
+
+def place_variant(onnx_dir: str, fname: str, writable_dir: Callable[[], str],
+                  export_into: Callable[[str], str]) -> str:
+    """``onnx_dir/fname`` if it exists; else the same file in ``writable_dir()`` (the export
+    cache) when ``onnx_dir`` is read-only (e.g. a bundled model's ``onnx/``); else export it
+    with ``export_into(tmp_dir) -> path`` into a temporary sibling folder and rename it into
+    place, so concurrent processes never see a partial file."""
     path = os.path.join(onnx_dir, fname)
     if os.path.isfile(path):
         return path
     if not os.access(onnx_dir, os.W_OK):
-        onnx_dir = export_model_dir(model_dir, cache_root, opset=opset)
+        onnx_dir = writable_dir()
         path = os.path.join(onnx_dir, fname)
         if os.path.isfile(path):
             return path
     tmp = tempfile.mkdtemp(prefix=f".{fname}.tmp-", dir=onnx_dir)
     try:
-        out = export_clip(model_dir, tmp, opset=opset, dtype=dtype, graphs=[graph],
-                          dynamo=dynamo)[graph]
+        out = export_into(tmp)
         extra = [f for f in os.listdir(tmp) if f != fname]
         if extra:  # external data: keep the folder layout simple by refusing
             raise ExportError(f"{fname}: variants with external data are not supported")

@@ -507,22 +507,12 @@ def ensure_sam_variant(source: Any, onnx_dir: str, graph: str, dtype: str, *,
     exporting it on first use (into the export cache when ``onnx_dir`` is read-only)."""
     src = resolve_source(source, load=False)
     spec = graphs_for_config(src.arch)[graph]
-    fname = variant_file(spec, dtype)
-    path = os.path.join(onnx_dir, fname)
-    if os.path.isfile(path):
-        return path
-    if not os.access(onnx_dir, os.W_OK):
-        onnx_dir = sam_onnx_dir(src, cache_root, opset=opset)
-        path = os.path.join(onnx_dir, fname)
-        if os.path.isfile(path):
-            return path
-    tmp = tempfile.mkdtemp(prefix=f".{fname}.tmp-", dir=onnx_dir)
-    try:
-        out = export_sam(src, tmp, opset=opset, dtype=dtype, graphs=[graph])[graph]
-        os.replace(out, path)
-        return path
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from export.onnx_export import place_variant
+
+    return place_variant(
+        onnx_dir, variant_file(spec, dtype),
+        lambda: sam_onnx_dir(src, cache_root, opset=opset),
+        lambda tmp: export_sam(src, tmp, opset=opset, dtype=dtype, graphs=[graph])[graph])
 
 
 def int8_variant(path: str) -> str:
