@@ -33,6 +33,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
         mirror_prob=a.mirror_prob if a.mirror_prob is not None else defaults.mirror_prob,
         structure_weight=a.structure_weight or 0.0,
         text_structure_weight=a.text_structure_weight or 0.0, structure_tied=a.structure_tied,
+        relation_curriculum_steps=a.relation_curriculum_steps or 0,
+        curriculum_relation_prob=(a.curriculum_relation_prob if a.curriculum_relation_prob
+                                  is not None else defaults.curriculum_relation_prob),
         hard_negative_weight=(a.hard_negative_weight if a.hard_negative_weight is not None
                               else defaults.hard_negative_weight))
     out = train(cfg)
@@ -55,7 +58,11 @@ def _cmd_train_llava(a: argparse.Namespace) -> int:
         **({"projector_lr_scale": a.projector_lr_scale} if a.projector_lr_scale else {}),
         **({"qa_first_steps": a.qa_first_steps} if a.qa_first_steps else {}),
         **({"mix": json.loads(a.mix)} if a.mix else {}),
-        **({"turns": a.turns} if a.turns else {}))
+        **({"turns": a.turns} if a.turns else {}),
+        **({"tune_vision": True} if a.tune_vision else {}),
+        **({"vision_lr_scale": a.vision_lr_scale} if a.vision_lr_scale else {}),
+        **({"image_pos_embed": a.image_pos_embed} if a.image_pos_embed else {}),
+        **({"dense_aux_weight": a.dense_aux_weight} if a.dense_aux_weight else {}))
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0
@@ -243,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--single-prob", type=float, help="share of one-object scenes")
     t.add_argument("--mirror-prob", type=float,
                    help="clip/negclip: share of left/right relation captions given a mirrored twin image")
+    t.add_argument("--relation-curriculum-steps", type=int,
+                   help="clip/negclip: first steps with left/above-only relation captions and "
+                        "no relation-word negatives")
+    t.add_argument("--curriculum-relation-prob", type=float,
+                   help="clip/negclip: share of relation captions during that curriculum")
     t.add_argument("--structure-weight", type=float,
                    help="clip/negclip: auxiliary scene-structure loss on image embeddings")
     t.add_argument("--text-structure-weight", type=float,
@@ -258,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--projector-lr-scale", type=float, help="llava: projector lr multiplier")
     t.add_argument("--mix", help='llava stage 2: task weights as JSON, e.g. \'{"count": 0.2, ...}\'')
     t.add_argument("--turns", type=int, help="llava: question-answer turns per image")
+    t.add_argument("--tune-vision", action="store_true",
+                   help="llava stage 2: train the vision tower too (Molmo-style)")
+    t.add_argument("--vision-lr-scale", type=float,
+                   help="llava: vision tower lr multiplier with --tune-vision")
+    t.add_argument("--dense-aux-weight", type=float,
+                   help="llava stage 2: per-patch (shape, colour) auxiliary loss weight")
+    t.add_argument("--image-pos-embed", choices=["none", "learned"],
+                   help="llava stage 1: learned position embedding on projected image features")
     t.add_argument("--qa-first-steps", type=int,
                    help="llava stage 2: first steps on short questions only (curriculum)")
     t.add_argument("--ckpt-every", type=int, default=250)

@@ -242,6 +242,34 @@ def test_instruction_stream_deterministic_and_shapes():
     assert all(k == ["caption", "caption"] for k in s1["kinds"])
 
 
+def test_patch_labels_follow_the_rendered_objects():
+    from fmrt.data import ShapesWorld
+    from fmrt.data.vlm_data import patch_labels
+    from fmrt.data.vocab import COLOR_INDEX, COLORS, SHAPE_INDEX
+
+    w = ShapesWorld(image_size=64, seed=5)
+    scenes = [w.sample_scene() for _ in range(4)]
+    lab = patch_labels(scenes, 8)
+    assert lab.shape == (4, 64) and lab.dtype == np.int64
+    for sc, row in zip(scenes, lab):
+        grid = row.reshape(8, 8)
+        for o in sc.objects:
+            # the patch holding the object's centroid pixel, when the object fills most of it,
+            # carries its (shape, colour) class
+            cx, cy = int(o.center[0]), int(o.center[1])
+            block = sc.label_map()[cy // 8 * 8:cy // 8 * 8 + 8, cx // 8 * 8:cx // 8 * 8 + 8]
+            idx = sc.objects.index(o) + 1
+            if (block == idx).sum() > 32:
+                assert grid[cy // 8, cx // 8] == 1 + SHAPE_INDEX[o.shape] * len(COLORS) + \
+                    COLOR_INDEX[o.color]
+        # background patches (no object pixel at all) are 0
+        lm = sc.label_map().reshape(8, 8, 8, 8).transpose(0, 2, 1, 3).reshape(64, 64)
+        assert (row[(lm == 0).all(1)] == 0).all()
+    tok = build_vlm_tokenizer()
+    b = InstructionStream(tok, stage=2, batch_size=3, turns=2, patch_grid=8)(0)
+    assert b["patch_labels"].shape == (3, 64) and int(b["patch_labels"].max()) <= 24
+
+
 def test_rescale_points_any_size():
     from fmrt.data import ShapesWorld
 
@@ -287,6 +315,15 @@ def test_train_two_stages_smoke(tmp_path):
                                  loss_weighting="answer", turns=4), progress=False)
     assert torch.equal(load_pretrained(s2f).model.vision_tower.conv1.weight,
                        m1.vision_tower.conv1.weight)
+    # continuing a model trained without them: the RMSNorm and the (zero-initialised)
+    # position embedding are added and saved; the dense auxiliary head trains but is not saved
+    s2n = train(LlavaTrainConfig(stage=2, steps=1, batch_size=2, init_from=s2f,
+                                 out_dir=str(tmp_path / "s2n"), threads=1,
+                                 image_feature_norm="rms", dense_aux_weight=0.5),
+                progress=False)
+    mn = load_pretrained(s2n).model
+    assert mn.config.image_feature_norm == "rms" and hasattr(mn, "image_norm")
+    assert not any(k.startswith("aux") for k in mn.state_dict())
     prov = p2.config["provenance"]
     assert prov["stage"] == 2 and prov["previous_stages"][0]["stage"] == 1
     r = evaluate_llava(s2, n_images=2, include_describe=False)
@@ -325,19 +362,22 @@ def test_bundled_shapes_llava_smoke():
     assert n >= 1 and hits >= n - 1
 
 
-# Issue #5 targets (QA >= 0.85, points inside >= 0.90, exact counts >= 0.85 on 200 test scenes)
-# less a margin for 12 scenes (~50 short questions, 12 pointing answers).
-# Regression guards at the bundled model's figures on these 12 scenes (QA 0.565, points inside
-# 0.172 of 29, exact count 0.50; session 4): the issue's targets (0.85 / 0.90 / 0.85) are NOT met
-# yet, see BENCHMARKS.md. Raise these when a better model is bundled.
-QA_MIN, INSIDE_MIN, COUNT_MIN = 0.50, 0.10, 0.40
+# Regression guards, not the issue #5 targets (QA >= 0.85, points inside >= 0.90, exact counts
+# >= 0.85 on 200 test scenes), which are NOT met yet (BENCHMARKS.md). On these 40 held-out scenes
+# (~165 short questions, 40 pointing answers) the bundled model (session 5) scores QA 0.725,
+# points inside 10 of 81 (0.12), exact count 0.625; the session-4 bundle scored 0.662 / 0.16 /
+# 0.625. Pointing is near chance (a point inside some object of the asked kind by luck), so its
+# floor only catches a broken format or parser; 12 scenes were too few for it (1 of 28 inside).
+# Raise these when a better model is bundled.
+N_SCENES = 40
+QA_MIN, INSIDE_MIN, COUNT_MIN = 0.65, 0.05, 0.50
 
 
 @pytest.mark.skipif("shapes-llava" not in fmrt.pretrained.list_pretrained(),
                     reason="shapes-llava is not bundled")
 def test_bundled_shapes_llava_heldout_answers_and_points():
-    """The bundled model on 12 held-out test scenes (every short question and the pointing
-    question of each): the figures BENCHMARKS.md records on 200 scenes, with a margin."""
+    """The bundled model on N_SCENES held-out test scenes (every short question and the
+    pointing question of each) against regression floors (see above)."""
     from fmrt.data.vlm_data import QA_KINDS, eval_examples
     from fmrt.pretrained import load_pretrained
     from fmrt.train.llava import _answers
@@ -345,7 +385,7 @@ def test_bundled_shapes_llava_heldout_answers_and_points():
     assert "shapes-llava" in fmrt.pretrained.list_pretrained()
     p = load_pretrained("shapes-llava")
     assert p.family == "llava"
-    ex = eval_examples(12, seed=0)
+    ex = eval_examples(N_SCENES, seed=0)
     qa = [e for e in ex if e["kind"] in QA_KINDS]
     pt = [e for e in ex if e["kind"] == "point"]
     got = _answers(p.model, p.tokenizer, p.preprocess, qa + pt, 100)

@@ -36,6 +36,36 @@ def test_stream_is_deterministic_and_has_negatives():
     assert ShapesCaptionStream(cfg)(4)["captions"] != a["captions"]
 
 
+def test_relation_curriculum_captions():
+    """During relation_curriculum_steps relation captions say only "to the left of" / "above",
+    stay true of their images, and their negatives never replace the relation word; after it
+    the stream is the normal one."""
+    from fmrt.data import parse_caption
+
+    cfg = TrainConfig(family="negclip", batch_size=48, hard_negatives=3,
+                      relation_curriculum_steps=2, curriculum_relation_prob=0.8)
+    stream = ShapesCaptionStream(cfg)
+    n_rel = 0
+    for step in (0, 1):
+        b = stream(step)
+        pos = b["positives"]
+        assert pos[:, :48].diagonal().all()
+        assert not any(pos[i, 48 + 3 * i + j] for i in range(48) for j in range(3))
+        for cap, negs in zip(b["captions"], b["hard_negatives"]):
+            c = parse_caption(cap)
+            if c.kind != "relation":
+                continue
+            n_rel += 1
+            rels = [cl.relation for cl in c.clauses if cl.relation]
+            assert set(rels) <= {"to the left of", "above"}, cap
+            for n in negs:
+                nrels = [cl.relation for cl in parse_caption(n).clauses if cl.relation]
+                assert nrels == rels, (cap, n)
+    assert n_rel >= 20   # relation captions are drawn often during the curriculum
+    later = [parse_caption(c) for c in stream(5)["captions"] + stream(6)["captions"]]
+    assert any(cl.relation in ("to the right of", "below") for c in later for cl in c.clauses)
+
+
 def test_mirror_twins_are_image_side_hard_negatives():
     from fmrt.data import ShapesWorld, is_true, parse_caption, render_batch
     from fmrt.train.contrastive import mirror_twin

@@ -155,6 +155,29 @@ def encode_conversation(tok, turns: Sequence[Tuple[str, str]], image_seq_length:
     return ids, labels
 
 
+def patch_labels(scenes, grid: int) -> np.ndarray:
+    """``int64 [B, grid*grid]`` (row-major patches): ``1 + shape * len(COLORS) + colour`` of the
+    object covering most of each patch (at least an eighth of its pixels), 0 for background.
+    Targets of the optional dense auxiliary loss of LLaVA training (``dense_aux_weight``)."""
+    from fmrt.data.vocab import COLOR_INDEX, COLORS, SHAPE_INDEX
+
+    out = np.zeros((len(scenes), grid * grid), dtype=np.int64)
+    for b, sc in enumerate(scenes):
+        S = sc.image_size
+        p = S // grid
+        lm = sc.label_map()[:grid * p, :grid * p].astype(np.int64)
+        blocks = lm.reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid * grid, p * p)
+        n = len(sc.objects)
+        counts = np.zeros((grid * grid, n + 1), dtype=np.int64)
+        np.add.at(counts, (np.repeat(np.arange(grid * grid), p * p), blocks.reshape(-1)), 1)
+        counts[:, 0] = 0
+        j = counts.argmax(1)
+        cls = np.array([0] + [1 + SHAPE_INDEX[o.shape] * len(COLORS) + COLOR_INDEX[o.color]
+                              for o in sc.objects], dtype=np.int64)
+        out[b] = np.where(counts[np.arange(grid * grid), j] * 8 >= p * p, cls[j], 0)
+    return out
+
+
 class InstructionStream:
     """Training batches, deterministic in ``(seed, step)``: ``{"images": uint8 B x S x S x 3,
     "input_ids": long B x n, "labels": long B x n (IGNORE outside answers), "kinds": [B][turns]}``,
@@ -164,7 +187,8 @@ class InstructionStream:
 
     def __init__(self, tok, *, stage: int, batch_size: int, image_size: int = 64,
                  image_seq_length: int = 64, seed: int = 0,
-                 mix: Optional[Dict[str, float]] = None, turns: int = 1) -> None:
+                 mix: Optional[Dict[str, float]] = None, turns: int = 1,
+                 patch_grid: int = 0) -> None:
         from fmrt.data import ShapesWorld, split_seed
 
         if stage not in (1, 2):
@@ -176,6 +200,7 @@ class InstructionStream:
         self.seed = seed
         self.mix = dict(mix or STAGE2_MIX)
         self.turns = int(turns)
+        self.patch_grid = int(patch_grid)   # > 0: also return patch_labels (grid x grid)
 
     def __call__(self, step: int) -> Dict[str, Any]:
         import torch
@@ -197,8 +222,11 @@ class InstructionStream:
         for i, (x, y) in enumerate(rows):
             ids[i, :len(x)] = torch.tensor(x)
             labels[i, :len(y)] = torch.tensor(y)
-        return {"images": render_batch(scenes), "input_ids": ids, "labels": labels,
-                "kinds": kinds}
+        out = {"images": render_batch(scenes), "input_ids": ids, "labels": labels,
+               "kinds": kinds}
+        if self.patch_grid:
+            out["patch_labels"] = torch.from_numpy(patch_labels(scenes, self.patch_grid))
+        return out
 
 
 # ----------------------------------------------------------------------------- evaluation data

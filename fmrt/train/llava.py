@@ -116,6 +116,14 @@ class LlavaTrainConfig:
     lm_steps: int = 0
     lm_batch_size: int = 32
     lm_lr: float = 3e-3
+    # stage 2: weight of a dense auxiliary loss - a linear head on every projected image token
+    # predicts the (shape, colour) of the object covering that patch (25 classes with
+    # background). Training-only (the head is not saved). Why: a per-patch linear probe of the
+    # frozen shapes-clip tower reads colour at 95-99% but shape at only 60% at every layer (the
+    # contrastive tower pools through the class token and never had to keep shape per patch),
+    # so shape / existence / pointing questions lack per-patch evidence; with tune_vision the
+    # head teaches the tower to keep it.
+    dense_aux_weight: float = 0.0
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -282,6 +290,23 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
         if base.family != "llava":
             raise ValueError(f"{cfg.init_from} is a {base.family!r} model, not llava")
         model, tok, pre = base.model.float(), base.tokenizer, base.preprocess
+        if cfg.image_pos_embed == "learned" and model.config.image_pos_embed == "none":
+            # add the position embedding to a model trained without one: zero-initialised, so
+            # the continued model starts exactly where the init model was
+            model.config.image_pos_embed = "learned"
+            model.image_pos_embed = torch.nn.Parameter(torch.zeros(
+                model.config.image_seq_length, model.config.text.hidden_size))
+        if cfg.image_feature_norm == "rms" and model.config.image_feature_norm == "none":
+            # add the RMSNorm to a model trained without one: the LM's first layer normalises
+            # its input anyway, so layer 0 sees the same directions; what changes is that the
+            # image tokens' residual stream is at text scale, where the LM's own updates count
+            from fmrt.models.llama import RMSNorm
+
+            model.config.image_feature_norm = "rms"
+            model.image_norm = RMSNorm(model.config.text.hidden_size,
+                                       eps=model.config.text.rms_norm_eps)
+            with torch.no_grad():
+                model.image_norm.weight.fill_(model.config.image_norm_init)
     else:
         if cfg.stage == 2:
             print("warning: stage 2 without --init (no stage-1 projector)", file=sys.stderr)
@@ -311,6 +336,13 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
     if not tune_vision:
         model.vision_tower.eval()
     opt = _optimizer(model, cfg)
+    aux_head = None
+    if cfg.stage == 2 and cfg.dense_aux_weight > 0:
+        from fmrt.data.vocab import COLORS, SHAPES
+
+        aux_head = torch.nn.Linear(model.config.text.hidden_size, 1 + len(SHAPES) * len(COLORS))
+        opt.add_param_group({"params": list(aux_head.parameters()), "weight_decay": 0.0,
+                             "lr_scale": 1.0})
     start = 0
     if cfg.resume and common.has_checkpoint(cfg.out_dir):
         start = common.load_checkpoint(cfg.out_dir, model, opt)
@@ -318,7 +350,8 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
     stream = InstructionStream(tok, stage=cfg.stage, batch_size=cfg.batch_size,
                                image_size=model.image_size,
                                image_seq_length=model.config.image_seq_length, seed=cfg.seed,
-                               turns=cfg.turns, mix=cfg.mix)
+                               turns=cfg.turns, mix=cfg.mix,
+                               patch_grid=model.config.grid if aux_head is not None else 0)
     make_batch = stream
     if cfg.stage == 2 and cfg.qa_first_steps > 0:
         qa_stream = InstructionStream(tok, stage=2, batch_size=cfg.batch_size,
@@ -341,7 +374,14 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
         feats = model.project_hidden(hidden)
         logits = model(batch["input_ids"], image_features=feats)
         loss = answer_loss(logits, batch["labels"], cfg.loss_weighting)
-        gnorm = common.optimizer_step(opt, loss, params, lr=lr)
+        if aux_head is not None:
+            pf = feats[:, -model.config.grid ** 2:]   # patch tokens (class token dropped)
+            aux = F.cross_entropy(aux_head(pf).reshape(-1, aux_head.out_features).float(),
+                                  batch["patch_labels"].reshape(-1))
+            loss = loss + cfg.dense_aux_weight * aux
+        gnorm = common.optimizer_step(opt, loss, params + (list(aux_head.parameters())
+                                                           if aux_head is not None else []),
+                                      lr=lr)
         if step % 50 == 0:  # grads are still in place (clipped) after the step
             pn = [p.grad.norm() for n, p in model.named_parameters()
                   if p.grad is not None and n.startswith("projector.")]
