@@ -45,3 +45,25 @@ def segment_anything_root() -> "str | None":
     if spec is None or not spec.submodule_search_locations:
         return None
     return list(spec.submodule_search_locations)[0]
+
+
+def serve_app(app_args: dict):
+    """Start one Serve application (``fmrt.serve.launcher.start_serve``) on a free loopback
+    port for a test module, and shut Ray down after it: use as a module-scoped fixture body,
+    ``with serve_app({...}) as session: yield {"url": session.url, ...}``. The launcher starts Ray
+    with node IP 127.0.0.1, dashboard off and an auth-token file in a temp dir, and puts the repo
+    on the replicas' ``PYTHONPATH`` so they import test modules."""
+    import contextlib
+
+    from fmrt.serve.launcher import free_port, start_serve
+
+    @contextlib.contextmanager
+    def _session():
+        session = start_serve(app_args, host="127.0.0.1", port=free_port(),
+                              ray_kwargs={"log_to_driver": False})
+        try:
+            yield session
+        finally:
+            session.shutdown()
+
+    return _session()

@@ -26,7 +26,7 @@ requests = pytest.importorskip("requests")
 
 import fmrt  # noqa: E402
 from fmrt.serve.http import encode_image  # noqa: E402
-from tests.helpers import make_model_dir  # noqa: E402
+from tests.helpers import make_model_dir, serve_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -36,19 +36,13 @@ TIMEOUT = 60
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from fmrt.serve.launcher import free_port, start_serve
-
     root = tmp_path_factory.mktemp("serve_models")
     dirs = [make_model_dir(str(root / "tiny-a"), seed=0),
             make_model_dir(str(root / "tiny-b"), seed=1, family="coca")]
-    session = start_serve(
-        {"models": dirs, "backend": "torch", "max_batch_size": 32, "batch_wait_timeout_s": 0.02,
-         "limits": LIMITS, "request_timeout_s": 30},
-        host="127.0.0.1", port=free_port(), ray_kwargs={"log_to_driver": False})
-    try:
+    with serve_app(
+            {"models": dirs, "backend": "torch", "max_batch_size": 32, "batch_wait_timeout_s": 0.02,
+             "limits": LIMITS, "request_timeout_s": 30}) as session:
         yield {"url": session.url, "dirs": dirs}
-    finally:
-        session.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ requests = pytest.importorskip("requests")
 import fmrt  # noqa: E402
 from fmrt.kernels import coco_string_to_rle, rle_to_mask  # noqa: E402
 from fmrt.serve.http import encode_image  # noqa: E402
+from tests.helpers import serve_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +44,8 @@ APP_ARGS = {"models": ["shapes-sam"], "backend": "torch", "max_batch_size": 32,
 
 @pytest.fixture(scope="module")
 def server():
-    from fmrt.serve.launcher import free_port, start_serve
-
-    session = start_serve(dict(APP_ARGS), host="127.0.0.1", port=free_port(),
-                          ray_kwargs={"log_to_driver": False})
-    try:
+    with serve_app(dict(APP_ARGS)) as session:
         yield {"url": session.url}
-    finally:
-        session.shutdown()
 
 
 def _redeploy(backend: str) -> None:

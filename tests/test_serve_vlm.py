@@ -29,6 +29,7 @@ requests = pytest.importorskip("requests")
 
 import fmrt  # noqa: E402
 from fmrt.serve.http import encode_image  # noqa: E402
+from tests.helpers import serve_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -55,18 +56,12 @@ def make_long_vlm(directory: str, context: int = LONG_CONTEXT, seed: int = 0) ->
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from fmrt.serve.launcher import free_port, start_serve
-
     long_dir = make_long_vlm(str(tmp_path_factory.mktemp("vlm") / LONG))
-    session = start_serve(
-        {"models": ["shapes-flamingo", long_dir], "backend": None, "vlm_max_batch_size": 8,
-         "vlm_batch_wait_timeout_s": 0.1, "request_timeout_s": 60, "num_threads": 1,
-         "access_log": False},
-        host="127.0.0.1", port=free_port(), ray_kwargs={"log_to_driver": False})
-    try:
+    with serve_app(
+            {"models": ["shapes-flamingo", long_dir], "backend": None, "vlm_max_batch_size": 8,
+             "vlm_batch_wait_timeout_s": 0.1, "request_timeout_s": 60, "num_threads": 1,
+             "access_log": False}) as session:
         yield {"url": session.url, "long_dir": long_dir}
-    finally:
-        session.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 APP_NAME = "fmrt"
 
 logger = logging.getLogger("fmrt.serve")
+# ray.init attempts when the GCS server misses its start-up deadline (see start_ray)
+RAY_START_ATTEMPTS = 3
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -116,13 +118,25 @@ def start_ray(*, num_cpus: Optional[int] = None, object_store_memory: Optional[i
         kwargs["num_cpus"] = num_cpus
     if object_store_memory is not None:
         kwargs["object_store_memory"] = object_store_memory
-    try:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=log_to_driver,
-                 logging_level=logging.WARNING, **kwargs)
-    except BaseException:
-        session.stop()
-        raise
+    for attempt in range(RAY_START_ATTEMPTS):
+        try:
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                     runtime_env=runtime_env, log_to_driver=log_to_driver,
+                     logging_level=logging.WARNING, **kwargs)
+            break
+        except RuntimeError as e:
+            # On a loaded 2-core box the GCS server occasionally misses Ray's start-up
+            # deadline ("Timed out waiting for file .../gcs_server_port_..."), typically right
+            # after a previous Ray instance shut down; a fresh start succeeds.
+            if "Timed out waiting for file" not in str(e) or attempt + 1 == RAY_START_ATTEMPTS:
+                session.stop()
+                raise
+            logger.warning("Ray did not start (%s); retrying", e)
+            ray.shutdown()
+            time.sleep(2.0)
+        except BaseException:
+            session.stop()
+            raise
     session.started = True
     return session
 
