@@ -308,6 +308,13 @@ def _factored_vs_official(ours: Sam, ref, emb: torch.Tensor, size: int, n: int, 
     rows = torch.tensor([n - 1, 0])
     masks = md.upscale_tokens(keys.select(rows), hyper_in[rows], hw)
     assert (masks - want_masks[rows]).abs().max().item() < TOL
+    # inference (no grad): the head's big intermediate lives in a reused workspace buffer; the
+    # same numbers, and a later call does not change an earlier call's result
+    with torch.inference_mode():
+        first = md.upscale_tokens(keys.select(rows), hyper_in[rows], hw)
+        kept = first.clone()
+        md.upscale_tokens(keys.select(rows[:1]), hyper_in[rows[:1]] * 2, hw)
+    assert torch.equal(first, kept) and torch.allclose(first, masks.detach(), atol=1e-6)
     # the same tokens formed explicitly, through the tensor and the convolution heads
     dense_keys = keys.materialize(rows)
     assert (md.upscale_tokens(dense_keys, hyper_in[rows], hw) - masks).abs().max().item() < TOL

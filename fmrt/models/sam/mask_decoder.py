@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fmrt.models.sam.common import MLP, LayerNorm2d
+from fmrt.models.sam.common import MLP, LayerNorm2d, workspace
 from fmrt.models.sam.two_way_transformer import TwoWayTransformer
 
 
@@ -117,7 +117,14 @@ class MaskDecoder(nn.Module):
             y = keys.project(w1, b1)
         y = F.gelu(F.layer_norm(y.reshape(-1, c1), (c1,), ln.weight, ln.bias, ln.eps))
         w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)     # c1 x (a', b', c2)
-        y = F.gelu(torch.addmm(up2.bias.repeat(4), y, w2))          # (i, j, a, b) x (a', b', c2)
+        # (i, j, a, b) x (a', b', c2), the head's largest intermediate: written into a reused
+        # buffer and activated in place (see common.workspace); only when nothing records
+        # gradients (inference_mode / no_grad), since the buffer outlives the call
+        if torch.is_grad_enabled():
+            y = F.gelu(torch.addmm(up2.bias.repeat(4), y, w2))
+        else:
+            out = workspace("mask_head", (y.shape[0], w2.shape[1]), y)
+            y = torch.ops.aten.gelu_(torch.addmm(up2.bias.repeat(4), y, w2, out=out))
         masks = torch.bmm(hyper_in, y.reshape(B, h * w * 16, c2).transpose(1, 2))
         # (i, j, a, b, a', b') -> row 4i + 2a + a', column 4j + 2b + b': one gather (an 8-d
         # permute copy with inner extent 2 is ~7x slower)
