@@ -67,3 +67,40 @@ def serve_app(app_args: dict):
             session.shutdown()
 
     return _session()
+
+
+def json_stub_server(respond):
+    """A local HTTP server on a free loopback port for tests of HTTP clients (OpenAI-compatible
+    endpoints and the like): every POST's JSON body goes to ``respond(path, body, headers)``,
+    which returns ``(status, payload)`` (``payload``: a JSON-able object, or bytes sent as they
+    are). Use as ``with json_stub_server(fn) as base_url:`` (``http://127.0.0.1:<port>``)."""
+    import contextlib
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, payload = respond(self.path, body, self.headers)
+            out = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    @contextlib.contextmanager
+    def _serve():
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{srv.server_address[1]}"
+        finally:
+            srv.shutdown()
+            srv.server_close()
+
+    return _serve()

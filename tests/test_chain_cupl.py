@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from fmrt.chain import cupl as C
 from fmrt.chain import labelsets as L
 from fmrt.data import class_labels, tokenize, vocabulary
+from tests.helpers import json_stub_server
 
 
 # ------------------------------------------------------------------------------- stub LLM server
@@ -27,43 +26,22 @@ class _Stub:
 def stub_server():
     stub = _Stub()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
+    def respond(path, body, headers):
+        stub.requests.append({"path": path, "body": body, "auth": headers.get("Authorization")})
+        if stub.mode == "error":
+            return 500, b"upstream exploded"
+        if stub.mode == "malformed":
+            return 200, {"nope": 1}
+        prompt = body["messages"][-1]["content"]
+        k = 1 if stub.mode == "ignore_n" else body["n"]
+        return 200, {"choices": [
+            {"index": i, "message": {"role": "assistant",
+                                     "content": f' "Answer {len(stub.requests)}.{i} to: '
+                                                f'{prompt}"\nsecond line'}}
+            for i in range(k)]}
 
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            stub.requests.append({"path": self.path, "body": body,
-                                  "auth": self.headers.get("Authorization")})
-            if stub.mode == "error":
-                self.send_response(500)
-                self.end_headers()
-                self.wfile.write(b"upstream exploded")
-                return
-            if stub.mode == "malformed":
-                out = b'{"nope": 1}'
-            else:
-                prompt = body["messages"][-1]["content"]
-                k = 1 if stub.mode == "ignore_n" else body["n"]
-                out = json.dumps({"choices": [
-                    {"index": i, "message": {"role": "assistant",
-                                             "content": f' "Answer {len(stub.requests)}.{i} to: '
-                                                        f'{prompt}"\nsecond line'}}
-                    for i in range(k)]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield stub, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with json_stub_server(respond) as url:
+        yield stub, url + "/v1"
 
 
 def test_prompts_and_cleaning():

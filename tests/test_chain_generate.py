@@ -161,42 +161,23 @@ def test_in_context_generation_through_an_openai_compatible_endpoint():
     chattily with a fenced program, first an invalid one, then a valid one; the generator sends
     the in-context prompt as a user message, retries with the validation error at the retry
     temperature, and returns the validated program."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from fmrt.chain.cupl import OpenAIChatSource
+    from tests.helpers import json_stub_server
 
     seen = []
     answers = [BAD_TYPE, GOOD]
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
+    def respond(path, body, headers):
+        seen.append((path, body, headers.get("Authorization")))
+        text = "Here you go:\n```\n" + answers[min(len(seen) - 1, 1)] + "\n```"
+        return 200, {"id": "x", "object": "chat.completion", "choices": [
+            {"index": 0, "finish_reason": "stop",
+             "message": {"role": "assistant", "content": text}}]}
 
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.path, body, self.headers.get("Authorization")))
-            text = "Here you go:\n```\n" + answers[min(len(seen) - 1, 1)] + "\n```"
-            out = json.dumps({"id": "x", "object": "chat.completion", "choices": [
-                {"index": 0, "finish_reason": "stop",
-                 "message": {"role": "assistant", "content": text}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        src = OpenAIChatSource(f"http://127.0.0.1:{srv.server_address[1]}/v1", "stub-llm",
-                               api_key="sk-test")
+    with json_stub_server(respond) as url:
+        src = OpenAIChatSource(url + "/v1", "stub-llm", api_key="sk-test")
         out = G.ProgramGenerator(src, max_attempts=3).generate(
             "in total there are three circles", TWO)
-    finally:
-        srv.shutdown()
-        srv.server_close()
     assert out.text == GOOD and len(out.attempts) == 2 and out.attempts[1].error is None
     assert [p for p, _, _ in seen] == ["/v1/chat/completions"] * 2
     first, second = seen[0][1], seen[1][1]
