@@ -62,7 +62,9 @@ def _cmd_train_llava(a: argparse.Namespace) -> int:
         **({"tune_vision": True} if a.tune_vision else {}),
         **({"vision_lr_scale": a.vision_lr_scale} if a.vision_lr_scale else {}),
         **({"image_pos_embed": a.image_pos_embed} if a.image_pos_embed else {}),
-        **({"dense_aux_weight": a.dense_aux_weight} if a.dense_aux_weight else {}))
+        **({"dense_aux_weight": a.dense_aux_weight} if a.dense_aux_weight else {}),
+        **({"image_pos_init": a.image_pos_init} if a.image_pos_init else {}),
+        **({"image_pos_norm": a.image_pos_norm} if a.image_pos_norm else {}))
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0
@@ -276,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llava: vision tower lr multiplier with --tune-vision")
     t.add_argument("--dense-aux-weight", type=float,
                    help="llava stage 2: per-patch (shape, colour) auxiliary loss weight")
+    t.add_argument("--image-pos-init", choices=["default", "grid2d"],
+                   help="llava: initialise the learned image position embedding")
+    t.add_argument("--image-pos-norm", type=float,
+                   help="llava: norm of the grid2d position code per patch")
     t.add_argument("--image-pos-embed", choices=["none", "learned"],
                    help="llava stage 1: learned position embedding on projected image features")
     t.add_argument("--qa-first-steps", type=int,

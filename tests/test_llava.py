@@ -270,6 +270,23 @@ def test_patch_labels_follow_the_rendered_objects():
     assert b["patch_labels"].shape == (3, 64) and int(b["patch_labels"].max()) <= 24
 
 
+def test_position_code_2d():
+    from fmrt.train.llava import position_code_2d
+
+    e = position_code_2d(8, 160, norm=2.0).double()
+    assert e.shape == (64, 160) and torch.allclose(e.norm(dim=1), torch.full((64,), 2.0, dtype=torch.float64))
+    g = (e @ e.t()) / 4.0                       # cosines
+    rows, cols = torch.arange(64) // 8, torch.arange(64) % 8
+    same_row = (rows[:, None] == rows[None]) & (cols[:, None] != cols[None])
+    other = (rows[:, None] != rows[None]) & (cols[:, None] != cols[None])
+    # sharing a row (or column) leaves half the code in common; nothing else is close
+    assert g[same_row].max() < 0.5 and g[other].abs().max() < 0.2
+    full = position_code_2d(8, 160, full=True)
+    assert full.shape == (65, 160) and not full[0].any()
+    with pytest.raises(ValueError):
+        position_code_2d(8, 161)
+
+
 def test_rescale_points_any_size():
     from fmrt.data import ShapesWorld
 
@@ -323,6 +340,14 @@ def test_train_two_stages_smoke(tmp_path):
                 progress=False)
     mn = load_pretrained(s2n).model
     assert mn.config.image_feature_norm == "rms" and hasattr(mn, "image_norm")
+    # the grid2d initialisation of the position embedding (s1 has a learned one)
+    from fmrt.train.llava import position_code_2d
+
+    s2g = train(LlavaTrainConfig(stage=2, steps=1, batch_size=2, init_from=s1, lr=1e-9,
+                                 out_dir=str(tmp_path / "s2g"), threads=1,
+                                 image_pos_init="grid2d", image_pos_norm=0.5), progress=False)
+    assert torch.allclose(load_pretrained(s2g).model.image_pos_embed,
+                          position_code_2d(8, 160, 0.5), atol=1e-4)
     assert not any(k.startswith("aux") for k in mn.state_dict())
     prov = p2.config["provenance"]
     assert prov["stage"] == 2 and prov["previous_stages"][0]["stage"] == 1
