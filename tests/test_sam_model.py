@@ -315,6 +315,9 @@ def _factored_vs_official(ours: Sam, ref, emb: torch.Tensor, size: int, n: int, 
         kept = first.clone()
         md.upscale_tokens(keys.select(rows[:1]), hyper_in[rows[:1]] * 2, hw)
     assert torch.equal(first, kept) and torch.allclose(first, masks.detach(), atol=1e-6)
+    with torch.no_grad():   # after inference mode: its buffer is not reused here
+        assert torch.allclose(md.upscale_tokens(keys.select(rows), hyper_in[rows], hw), first,
+                              atol=1e-6)
     # the same tokens formed explicitly, through the tensor and the convolution heads
     dense_keys = keys.materialize(rows)
     assert (md.upscale_tokens(dense_keys, hyper_in[rows], hw) - masks).abs().max().item() < TOL

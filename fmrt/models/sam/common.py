@@ -23,7 +23,9 @@ def workspace(key: str, shape, like: torch.Tensor) -> torch.Tensor:
     cache = getattr(_WORKSPACES, "bufs", None)
     if cache is None:
         cache = _WORKSPACES.bufs = {}
-    k = (key, like.dtype, like.device)
+    # a buffer made under torch.inference_mode is an inference tensor, which may not be written
+    # outside inference mode (and a normal one is fine inside it): one buffer per mode
+    k = (key, like.dtype, like.device, torch.is_inference_mode_enabled())
     buf = cache.get(k)
     if buf is None or buf.numel() < n:
         buf = cache[k] = torch.empty(n, dtype=like.dtype, device=like.device)
