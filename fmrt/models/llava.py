@@ -148,16 +148,30 @@ class LlavaForConditionalGeneration(nn.Module):
         del self.vision_tower.proj
         self.projector = LlavaProjector(config)
         if config.image_pos_embed == "learned":
-            # std 0.02: the LM's embedding init scale (fmrt.models.llama)
-            self.image_pos_embed = nn.Parameter(
-                0.02 * torch.randn(config.image_seq_length, config.text.hidden_size))
+            self.add_image_pos_embed()
         if config.image_feature_norm == "rms":
-            from fmrt.models.llama import RMSNorm
-
-            self.image_norm = RMSNorm(config.text.hidden_size, eps=config.text.rms_norm_eps)
-            with torch.no_grad():
-                self.image_norm.weight.fill_(config.image_norm_init)
+            self.add_image_feature_norm()
         self.language_model = LlamaForCausalLM(config.text)
+
+    def add_image_pos_embed(self, std: float = 0.02) -> None:
+        """Create the learned image position embedding (``image_pos_embed="learned"``; also
+        for continuing a model trained without one, with ``std=0``: zeros, so the outputs are
+        unchanged). Default std 0.02: the LM's embedding init scale (fmrt.models.llama)."""
+        c = self.config
+        c.image_pos_embed = "learned"
+        self.image_pos_embed = nn.Parameter(
+            std * torch.randn(c.image_seq_length, c.text.hidden_size))
+
+    def add_image_feature_norm(self) -> None:
+        """Create the RMSNorm on the projected image features (``image_feature_norm="rms"``),
+        gain ``image_norm_init``."""
+        from fmrt.models.llama import RMSNorm
+
+        c = self.config
+        c.image_feature_norm = "rms"
+        self.image_norm = RMSNorm(c.text.hidden_size, eps=c.text.rms_norm_eps)
+        with torch.no_grad():
+            self.image_norm.weight.fill_(c.image_norm_init)
 
     # -- image side -----------------------------------------------------------------------
     @property

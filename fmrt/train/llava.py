@@ -328,20 +328,12 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
         if cfg.image_pos_embed == "learned" and model.config.image_pos_embed == "none":
             # add the position embedding to a model trained without one: zero-initialised, so
             # the continued model starts exactly where the init model was
-            model.config.image_pos_embed = "learned"
-            model.image_pos_embed = torch.nn.Parameter(torch.zeros(
-                model.config.image_seq_length, model.config.text.hidden_size))
+            model.add_image_pos_embed(std=0.0)
         if cfg.image_feature_norm == "rms" and model.config.image_feature_norm == "none":
             # add the RMSNorm to a model trained without one: the LM's first layer normalises
             # its input anyway, so layer 0 sees the same directions; what changes is that the
             # image tokens' residual stream is at text scale, where the LM's own updates count
-            from fmrt.models.llama import RMSNorm
-
-            model.config.image_feature_norm = "rms"
-            model.image_norm = RMSNorm(model.config.text.hidden_size,
-                                       eps=model.config.text.rms_norm_eps)
-            with torch.no_grad():
-                model.image_norm.weight.fill_(model.config.image_norm_init)
+            model.add_image_feature_norm()
     else:
         if cfg.stage == 2:
             print("warning: stage 2 without --init (no stage-1 projector)", file=sys.stderr)

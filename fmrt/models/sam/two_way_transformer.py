@@ -482,16 +482,13 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         return self.norm1(queries)
 
-    def _forward_shared_image(self, queries, keys, query_pe, key_pe):
-        """keys ``1 x HW x C`` shared by B prompts: the image-side projections of the
-        token -> image attention (k of keys+pe, v of keys) and the query projection of the
-        image -> token attention run once per image instead of once per prompt, and the
-        token -> image attention runs once with all B*T tokens as queries (softmax is per query
-        row, so batching the queries changes nothing)."""
+    def _shared_token_to_image_and_mlp(self, queries, query_pe, keys, kp):
+        """The token -> image attention (+ residual, norm2) and the MLP (+ residual, norm3)
+        against one image ``keys`` ``1 x HW x C`` (``kp`` = keys + pe) shared by the B prompts
+        of ``queries`` ``B x T x C``: the image-side k / v projections run once, and the
+        attention once with all B*T tokens as queries (softmax is per query row)."""
         B, T, _ = queries.shape
-        queries = self._self_and_mlp_in(queries, query_pe)
-        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        kp = keys + key_pe                                           # 1 x HW x C, once
+        t2i = self.cross_attn_token_to_image
         H = t2i.num_heads
         qh = t2i.q_proj(queries + query_pe)                          # B x T x C'
         d = qh.shape[-1] // H
@@ -499,8 +496,18 @@ class TwoWayAttentionBlock(nn.Module):
         out = attention(qh, t2i._heads(t2i.k_proj(kp)), t2i._heads(t2i.v_proj(keys)))
         out = t2i.out_proj(out.transpose(1, 2).reshape(B, T, t2i.internal_dim))
         queries = self.norm2(queries + out)
+        return self.norm3(queries + self.mlp(queries))
 
-        queries = self.norm3(queries + self.mlp(queries))
+    def _forward_shared_image(self, queries, keys, query_pe, key_pe):
+        """keys ``1 x HW x C`` shared by B prompts: the image-side projections of the
+        token -> image attention (k of keys+pe, v of keys) and the query projection of the
+        image -> token attention run once per image instead of once per prompt, and the
+        token -> image attention runs once with all B*T tokens as queries (softmax is per query
+        row, so batching the queries changes nothing)."""
+        queries = self._self_and_mlp_in(queries, query_pe)
+        i2t = self.cross_attn_image_to_token
+        kp = keys + key_pe                                           # 1 x HW x C, once
+        queries = self._shared_token_to_image_and_mlp(queries, query_pe, keys, kp)
 
         # image -> token: the image queries' projection once (1 x HW x C')
         keys = self.norm4(_image_to_token_residual(i2t, keys, i2t.q_proj(kp),
@@ -543,13 +550,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self._self_and_mlp_in(queries, query_pe)
         if isinstance(keys, torch.Tensor):
             kp = keys + key_pe                                       # 1 x HW x C, once
-            qh = t2i.q_proj(queries + query_pe)
-            d = qh.shape[-1] // H
-            qh = qh.reshape(1, B * T, H, d).transpose(1, 2)          # 1 x H x BT x d
-            out = attention(qh, t2i._heads(t2i.k_proj(kp)), t2i._heads(t2i.v_proj(keys)))
-            out = t2i.out_proj(out.transpose(1, 2).reshape(B, T, t2i.internal_dim))
-            queries = self.norm2(queries + out)
-            queries = self.norm3(queries + self.mlp(queries))
+            queries = self._shared_token_to_image_and_mlp(queries, query_pe, keys, kp)
             d = i2t.internal_dim // H
             k = i2t.k_proj(queries + query_pe).reshape(B, T, H, d)
             img_q = i2t.q_proj(kp[0]).reshape(-1, H, d) * (d ** -0.5)
