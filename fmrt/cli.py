@@ -64,7 +64,9 @@ def _cmd_train_llava(a: argparse.Namespace) -> int:
         **({"image_pos_embed": a.image_pos_embed} if a.image_pos_embed else {}),
         **({"dense_aux_weight": a.dense_aux_weight} if a.dense_aux_weight else {}),
         **({"image_pos_init": a.image_pos_init} if a.image_pos_init else {}),
-        **({"image_pos_norm": a.image_pos_norm} if a.image_pos_norm else {}))
+        **({"image_pos_norm": a.image_pos_norm} if a.image_pos_norm else {}),
+        **({"coord_tokens": a.coord_tokens} if a.coord_tokens else {}),
+        **({"coord_sigma": a.coord_sigma} if a.coord_sigma else {}))
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0
@@ -282,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llava: initialise the learned image position embedding")
     t.add_argument("--image-pos-norm", type=float,
                    help="llava: norm of the grid2d position code per patch")
+    t.add_argument("--coord-tokens", type=int,
+                   help="llava: write point coordinates as N single tokens <loc0>..<locN-1> "
+                        "(64 = every pixel of the 64 px frame)")
+    t.add_argument("--coord-sigma", type=float,
+                   help="llava: Gaussian target (std in pixels) over the coordinate tokens")
     t.add_argument("--image-pos-embed", choices=["none", "learned"],
                    help="llava stage 1: learned position embedding on projected image features")
     t.add_argument("--qa-first-steps", type=int,

@@ -215,6 +215,78 @@ def test_vlm_tokenizer_specials_and_point_roundtrip(tmp_path):
     assert n == 2 and pts.tolist() == [[5, 40], [63, 0]]
 
 
+def test_coordinate_tokens_roundtrip_and_clamp(tmp_path):
+    from fmrt.data.vlm_data import coord_token_ids, encode_text
+    from fmrt.models.tokenizer import load_tokenizer
+
+    tok = build_vlm_tokenizer(coord_tokens=64)
+    assert special_ids(tok) == (86, 87)             # word ids unchanged: models can be grown
+    assert coord_token_ids(tok) == list(range(88, 152)) and tok.vocab_size == 152
+    assert coord_token_ids(build_vlm_tokenizer()) == []
+    tok.save(str(tmp_path))
+    tok2 = load_tokenizer(str(tmp_path))
+    assert coord_token_ids(tok2) == list(range(88, 152))
+    ans = ('<point x="5" y="40"> <point x="63" y="0"> counting the red circles shows a total '
+           'of 2.')
+    ids = encode_text(tok2, ans)
+    # one token per value (x = " <loc5> " ...): 4 tokens where the digits "5 4 0 6 3 0" are 6
+    assert ids.count(88 + 5) == 1 and ids.count(88 + 63) == 1 and ids.count(88 + 0) == 1
+    assert len(ids) == len(encode_text(build_vlm_tokenizer(), ans)) - 2
+    assert tok2.unk_token_id not in ids and decode_answer(tok2, ids) == ans
+    assert parse_point_answer(decode_answer(tok2, ids))[0].tolist() == [[5, 40], [63, 0]]
+    # values are rounded and clamped to the frame; other numbers stay digits
+    assert decode_answer(tok2, encode_text(tok2, '<point x="70" y="-3"> <point x="4.6" '
+                                                 'y="9">')) == \
+        '<point x="63" y="0"> <point x="5" y="9">'
+    assert encode_text(tok2, "a total of 12.") == encode_text(build_vlm_tokenizer(),
+                                                              "a total of 12.")
+
+
+def test_coordinate_token_loss_and_embedding_init():
+    import torch.nn.functional as F
+
+    from fmrt.models.llama import LlamaConfig, LlamaForCausalLM
+    from fmrt.train.llava import answer_loss, init_coord_embeddings
+
+    torch.manual_seed(0)
+    V, coord = 20, list(range(10, 20))
+    logits = torch.randn(2, 6, V, dtype=torch.float64)
+    labels = torch.full((2, 6), -100)
+    labels[0, 2:5] = torch.tensor([3, 14, 15])
+    labels[1, 5] = 11
+    # a vanishing sigma is the one-hot cross-entropy
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                         ignore_index=-100)
+    assert torch.allclose(answer_loss(logits, labels, coord_ids=coord, coord_sigma=1e-3), ce)
+    # sigma 1: the coordinate targets are a normalised Gaussian over the 10 values
+    lp = torch.log_softmax(logits, -1)
+    k = torch.arange(10.0, dtype=torch.float64)
+
+    def soft(row, pos, v):
+        q = torch.exp(-0.5 * (k - v) ** 2)
+        return -(q / q.sum() * lp[row, pos, 10:]).sum()
+    want = (-lp[0, 1, 3] + soft(0, 2, 4) + soft(0, 3, 5) + soft(1, 4, 1)) / 4
+    assert torch.allclose(answer_loss(logits, labels, coord_ids=coord, coord_sigma=1.0), want)
+    with pytest.raises(ValueError, match="token"):
+        answer_loss(logits, labels, "answer", coord_ids=coord, coord_sigma=1.0)
+    # growing the tied table keeps the old rows; the smooth init orders the new ones
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                      num_layers=1, num_heads=2, num_kv_heads=1))
+    old = lm.embed_tokens.weight.detach().clone()
+    lm.resize_token_embeddings(160)
+    assert lm.config.vocab_size == 160 and lm.embed_tokens.weight.shape == (160, 32)
+    assert torch.equal(lm.embed_tokens.weight[:96], old) and lm(torch.tensor([[159]])).shape[-1] == 160
+    with pytest.raises(ValueError, match="shrink"):
+        lm.resize_token_embeddings(64)
+    ids = list(range(96, 160))
+    init_coord_embeddings(lm, ids)
+    e = F.normalize(lm.embed_tokens.weight[ids].double(), dim=1)
+    cos = e @ e.T
+    near, far = torch.diagonal(cos, 1).mean(), torch.diagonal(cos, 16).mean()
+    assert near > 0.9 and far < 0.3, (near, far)
+    assert abs(lm.embed_tokens.weight[ids].norm(dim=1).mean() / old.norm(dim=1).mean() - 1) < 0.1
+
+
 def test_prompt_and_labels_cover_answers_only():
     tok = build_vlm_tokenizer()
     ids, labels = encode_example(tok, "how many shapes are there?", "three", 64)
@@ -349,6 +421,22 @@ def test_train_two_stages_smoke(tmp_path):
     assert torch.allclose(load_pretrained(s2g).model.image_pos_embed,
                           position_code_2d(8, 160, 0.5), atol=1e-4)
     assert not any(k.startswith("aux") for k in mn.state_dict())
+    # coordinate tokens added to a digit model: the tokenizer gains <loc0..63>, the tied
+    # table grows to 160 (old rows kept), and the runner decodes points back to digits
+    from fmrt.data.vlm_data import coord_token_ids
+
+    s2c = train(LlavaTrainConfig(stage=2, steps=1, batch_size=2, init_from=s2f, lr=1e-9,
+                                 out_dir=str(tmp_path / "s2c"), threads=1, coord_tokens=64,
+                                 coord_sigma=1.0), progress=False)
+    pc = load_pretrained(s2c)
+    assert coord_token_ids(pc.tokenizer) == list(range(88, 152))
+    assert pc.model.config.text.vocab_size == 160
+    assert torch.allclose(pc.model.language_model.embed_tokens.weight[:88],
+                          load_pretrained(s2f).model.language_model.embed_tokens.weight[:88])
+    with pytest.raises(ValueError, match="coordinate tokens"):
+        train(LlavaTrainConfig(stage=2, steps=1, batch_size=2, init_from=s2c,
+                               out_dir=str(tmp_path / "s2d"), threads=1, coord_tokens=32),
+              progress=False)
     prov = p2.config["provenance"]
     assert prov["stage"] == 2 and prov["previous_stages"][0]["stage"] == 1
     r = evaluate_llava(s2, n_images=2, include_describe=False)

@@ -46,14 +46,52 @@ QA_KINDS = ("count", "count_all", "what_color", "exists", "what_shape")
 COUNT_KINDS = ("count", "count_all")
 
 
-def build_vlm_tokenizer(context_length: int = 256):
-    """The ShapesWorld word tokenizer plus ``<image>`` (id 86) and ``<sep>`` (id 87)."""
+def coord_token(v: int) -> str:
+    """The coordinate token of pixel value ``v`` (``<loc12>``)."""
+    return f"<loc{int(v)}>"
+
+
+def build_vlm_tokenizer(context_length: int = 256, coord_tokens: int = 0):
+    """The ShapesWorld word tokenizer plus ``<image>`` (id 86) and ``<sep>`` (id 87), and with
+    ``coord_tokens = N > 0`` the coordinate tokens ``<loc0>`` .. ``<loc{N-1}>`` (ids 88 ..):
+    a point's pixel value is then one token (``x="<loc12>"``; decoded back to ``x="12"``), so
+    a coordinate is one N-way read-out instead of two dependent digit choices (Kosmos-2's
+    location tokens, PaliGemma's ``<locNNNN>``). N = the model's input size (64) covers every
+    pixel of its frame."""
     from fmrt.data.vocab import vocabulary
     from fmrt.models.tokenizer import WordTokenizer
 
     tok = WordTokenizer.build(vocabulary(), context_length=context_length)
-    tok._tk.add_special_tokens(list(VLM_SPECIALS))
+    tok._tk.add_special_tokens(list(VLM_SPECIALS) + [coord_token(v)
+                                                     for v in range(int(coord_tokens))])
     return tok
+
+
+def coord_token_ids(tok) -> List[int]:
+    """Ids of ``<loc0>``, ``<loc1>``, ... in ``tok`` (empty: digits are spelled out)."""
+    cached = getattr(tok, "_fmrt_coord_ids", None)
+    if cached is None:
+        cached = []
+        while (i := tok.token_to_id(coord_token(len(cached)))) is not None:
+            cached.append(i)
+        tok._fmrt_coord_ids = cached
+    return cached
+
+
+_COORD_ATTR = re.compile(r'\b([xy])\s*=\s*"(-?[0-9]+(?:\.[0-9]*)?)"')
+
+
+def encode_text(tok, text: str) -> List[int]:
+    """Token ids of ``text`` (no ``<sot>``/``<eot>``). With coordinate tokens, the values of
+    ``x="..."`` / ``y="..."`` attributes become one ``<locN>`` token each (rounded, clamped
+    to ``0 .. N-1``: points are written in the model's input frame)."""
+    n = len(coord_token_ids(tok))
+    if n:
+        def sub(m):
+            v = min(max(int(np.floor(float(m.group(2)) + 0.5)), 0), n - 1)
+            return f'{m.group(1)}="{coord_token(v)}"'
+        text = _COORD_ATTR.sub(sub, text)
+    return tok._tk.encode(text, add_special_tokens=False).ids
 
 
 def special_ids(tok) -> Tuple[int, int]:
@@ -64,8 +102,7 @@ def special_ids(tok) -> Tuple[int, int]:
     return img, sep
 
 
-def _words(tok, text: str) -> List[int]:
-    return tok._tk.encode(text, add_special_tokens=False).ids
+_words = encode_text
 
 
 def prompt_ids(tok, question: str, image_seq_length: int, images: int = 1) -> List[int]:

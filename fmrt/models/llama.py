@@ -300,6 +300,33 @@ class LlamaForCausalLM(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def resize_token_embeddings(self, vocab_size: int, std: float = 0.02) -> None:
+        """Grow the vocabulary to ``vocab_size`` (e.g. for added tokens): existing rows are
+        kept, new rows drawn from normal(0, ``std``) (the init scale); ``config.vocab_size``
+        follows. Shrinking is refused (ids in use would dangle)."""
+        old = self.embed_tokens.weight
+        n, d = old.shape
+        if vocab_size < n:
+            raise ValueError(f"cannot shrink the vocabulary from {n} to {vocab_size}")
+        if vocab_size == n:
+            return
+
+        def grown(w: torch.Tensor) -> torch.Tensor:
+            new = torch.empty(vocab_size, d, dtype=w.dtype, device=w.device)
+            nn.init.normal_(new, std=std)
+            new[:n] = w.detach()
+            return new
+
+        self.embed_tokens = nn.Embedding(vocab_size, d, _weight=grown(old),
+                                         device=old.device, dtype=old.dtype)
+        if self.lm_head is not None:
+            head = nn.Linear(d, vocab_size, bias=False, device=old.device, dtype=old.dtype)
+            with torch.no_grad():
+                head.weight.copy_(grown(self.lm_head.weight))
+            self.lm_head = head
+        self.__dict__.pop("_tied_head_ref", None)   # int8 decode copies refer to the old table
+        self.config.vocab_size = vocab_size
+
     def enable_int8_decode(self, enable: bool = True) -> "LlamaForCausalLM":
         """Opt-in weight-only int8 for small inputs (decode steps, <= ``INT8_MAX_ROWS`` rows):
         every projection and the vocabulary head keep a per-row int8 copy of their weights

@@ -156,6 +156,8 @@ class WordTokenizer(_Base):
         # Rejoin words with spaces, glue punctuation/digits the way ShapesWorld writes them.
         # Ids past the vocabulary (a model's embedding table is padded to 128) read as <unk>.
         toks = [self._tk.id_to_token(i) or "<unk>" for i in ids]
+        # a coordinate token (fmrt.data.vlm_data.build_vlm_tokenizer) reads as its number
+        toks = [t[4:-1] if t.startswith("<loc") and t[4:-1].isdigit() else t for t in toks]
         out = ""
         in_quotes = False  # a closing quote is followed by a space (x="12" y="40")
         for t in toks:

@@ -235,8 +235,7 @@ def _parse_messages(messages: Any) -> List[Tuple[str, List[Tuple[str, Any]]]]:
 
 
 # ----------------------------------------------------------------------------- prompt formats
-def _words(tok, text: str) -> List[int]:
-    return tok._tk.encode(text, add_special_tokens=False).ids
+from fmrt.data.vlm_data import encode_text as _words  # noqa: E402  (coordinate tokens)
 
 
 class _LlavaFormat:

@@ -136,6 +136,16 @@ class LlavaTrainConfig:
     # column correlation at 0.47.
     image_pos_init: str = "default"
     image_pos_norm: float = 1.0
+    # coordinate tokens (fmrt.data.vlm_data.build_vlm_tokenizer): > 0 writes a point's pixel
+    # values as single tokens <loc0> .. <loc{N-1}> (64 = every pixel of the 64 px frame)
+    # instead of digit by digit; a new model gets a vocabulary of 160, a continued one is
+    # resized. The new embedding rows start as a smooth code of the value (init_coord_embeddings)
+    # so neighbouring pixels start close in the tied input/output table.
+    coord_tokens: int = 0
+    # > 0: the loss on a coordinate token is cross-entropy against a Gaussian over the
+    # coordinate tokens (std coord_sigma pixels) instead of the one-hot value: a near miss
+    # costs less than a far one (plain cross-entropy treats 12 vs 13 like 12 vs 60).
+    coord_sigma: float = 0.0
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -233,6 +243,28 @@ def position_code_2d(grid: int, dim: int, norm: float = 1.0, full: bool = False
     return e.float()
 
 
+def init_coord_embeddings(lm, ids: List[int], *, n_freq: int = 12, seed: int = 0) -> None:
+    """Set the embedding rows ``ids`` (coordinate tokens, value ``k = 0 .. N-1``) to a smooth
+    code: ``sum_f cos(pi f (k + 1/2) / N) u_f`` for ``f = 1 .. n_freq`` over random orthonormal
+    directions ``u_f``, plus the mean row, at the table's mean row norm. Neighbours start with
+    cosine ~0.97, values a quarter of the range apart ~0.1, so with the tied head a near miss is
+    a small logit error from the first step."""
+    w = lm.embed_tokens.weight
+    n = len(ids)
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(w.shape[1], n_freq, generator=g, dtype=torch.float64))
+    f = torch.arange(1, n_freq + 1, dtype=torch.float64)
+    k = torch.arange(n, dtype=torch.float64)
+    code = torch.cos(torch.pi * f[None] * (k[:, None] + 0.5) / n) @ q.T     # N x d
+    keep = torch.ones(w.shape[0], dtype=torch.bool)
+    keep[ids] = False
+    rows = w.detach()[keep].double()
+    norm = rows.norm(dim=1).mean()
+    code = code / code.norm(dim=1, keepdim=True) * norm * 0.95 + rows.mean(0) * 0.05
+    with torch.no_grad():
+        w[ids] = code.to(w.dtype)
+
+
 def _optimizer(model, cfg: LlavaTrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters: no decay on gains, biases and embeddings; the vision
     tower's groups carry ``lr_scale = vision_lr_scale`` (a pretrained tower wants a smaller step
@@ -252,13 +284,39 @@ def _optimizer(model, cfg: LlavaTrainConfig) -> torch.optim.AdamW:
         lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weighting: str = "token"
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weighting: str = "token",
+                coord_ids: Optional[List[int]] = None, coord_sigma: float = 0.0
                 ) -> torch.Tensor:
     """Next-token cross-entropy on positions whose next token is labelled (``labels`` B x n,
     -100 elsewhere). ``weighting="token"``: the mean over all labelled tokens of the batch;
     ``"answer"``: each maximal run of labelled tokens in a row (one answer and its ``<eot>``;
-    turns are separated by unlabelled question tokens) is averaged first, then the answers."""
+    turns are separated by unlabelled question tokens) is averaged first, then the answers.
+    With ``coord_ids`` (the ids of coordinate values 0 .. N-1) and ``coord_sigma > 0``
+    (token weighting only), a labelled coordinate's target is a Gaussian of std
+    ``coord_sigma`` over the coordinate values around it (normalised), not its one-hot."""
     lab = labels[:, 1:]
+    if coord_sigma > 0 and coord_ids:
+        if weighting != "token":
+            raise ValueError("coord_sigma needs weighting='token'")
+        flat = lab.reshape(-1)
+        on = flat != -100
+        lg = logits[:, :-1].reshape(-1, logits.shape[-1])[on]
+        lg = lg.to(torch.promote_types(lg.dtype, torch.float32))
+        y = flat[on]
+        cid = torch.as_tensor(coord_ids, dtype=torch.long, device=y.device)
+        value = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=y.device)
+        value[cid] = torch.arange(len(coord_ids), device=y.device)
+        v = value[y]
+        is_c = v >= 0
+        logp = torch.log_softmax(lg, dim=-1)
+        nll = -logp.gather(1, y[:, None])[:, 0]
+        if bool(is_c.any()):
+            k = torch.arange(len(coord_ids), device=y.device, dtype=logp.dtype)
+            q = torch.exp(-0.5 * ((k[None] - v[is_c, None].to(k.dtype)) / coord_sigma) ** 2)
+            q = q / q.sum(1, keepdim=True)
+            nll = nll.clone()
+            nll[is_c] = -(q * logp[is_c][:, cid]).sum(1)
+        return nll.mean() if nll.numel() else logits.sum() * 0.0
     if weighting == "token":
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                lab.reshape(-1), ignore_index=-100)
@@ -313,7 +371,8 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
     """Run (or resume) one stage; returns the final model directory."""
     import fmrt
     from fmrt import pretrained
-    from fmrt.data.vlm_data import InstructionStream, build_vlm_tokenizer, special_ids
+    from fmrt.data.vlm_data import (InstructionStream, build_vlm_tokenizer, coord_token_ids,
+                                    special_ids)
     from fmrt.preprocess import uint8_batch_to_tensor
     from fmrt.train.contrastive import canonical_command
 
@@ -334,12 +393,27 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
             # its input anyway, so layer 0 sees the same directions; what changes is that the
             # image tokens' residual stream is at text scale, where the LM's own updates count
             model.add_image_feature_norm()
+        if cfg.coord_tokens and not coord_token_ids(tok):
+            # continue a digit-coordinate model with coordinate tokens: same word ids, the
+            # <loc> tokens appended after <image>/<sep>, the tied table grown to fit
+            tok = build_vlm_tokenizer(tok.context_length, coord_tokens=cfg.coord_tokens)
+            model.language_model.resize_token_embeddings(
+                max(model.config.text.vocab_size, -(-tok.vocab_size // 32) * 32))
+            init_coord_embeddings(model.language_model, coord_token_ids(tok), seed=cfg.seed)
+        elif cfg.coord_tokens and len(coord_token_ids(tok)) != cfg.coord_tokens:
+            raise ValueError(f"{cfg.init_from} has {len(coord_token_ids(tok))} coordinate "
+                             f"tokens, not {cfg.coord_tokens}")
     else:
         if cfg.stage == 2:
             print("warning: stage 2 without --init (no stage-1 projector)", file=sys.stderr)
+        tok = build_vlm_tokenizer(coord_tokens=cfg.coord_tokens)
+        extra_kw: Dict[str, Any] = {}
+        if cfg.coord_tokens:   # 88 words/specials + N coordinates, rounded up to 32
+            extra_kw["text"] = {"vocab_size": -(-tok.vocab_size // 32) * 32}
         model = fmrt.create_model(cfg.arch, image_pos_embed=cfg.image_pos_embed,
-                                  image_feature_norm=cfg.image_feature_norm)
-        tok = build_vlm_tokenizer()
+                                  image_feature_norm=cfg.image_feature_norm, **extra_kw)
+        if cfg.coord_tokens:
+            init_coord_embeddings(model.language_model, coord_token_ids(tok), seed=cfg.seed)
         pre = load_vision_from_clip(model, cfg.vision_from)
         probe = InstructionStream(tok, stage=1, batch_size=64, image_size=model.image_size,
                    seed=cfg.seed + 10_000)(0)["images"]
@@ -398,6 +472,7 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
         def make_batch(step: int):  # deterministic in step, so resuming replays the schedule
             return qa_stream(step) if step < cfg.qa_first_steps else stream(step)
     params = [p for p in model.parameters() if p.requires_grad]
+    coord_ids = coord_token_ids(tok)
     bar = common.Progress(cfg.steps, initial=start, desc=f"llava stage {cfg.stage}") \
         if progress else None
     t0 = time.time()
@@ -409,7 +484,8 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
             hidden = model.vision_hidden(images)
         feats = model.project_hidden(hidden)
         logits = model(batch["input_ids"], image_features=feats)
-        loss = answer_loss(logits, batch["labels"], cfg.loss_weighting)
+        loss = answer_loss(logits, batch["labels"], cfg.loss_weighting,
+                           coord_ids=coord_ids, coord_sigma=cfg.coord_sigma)
         if aux_head is not None:
             pf = feats[:, -model.config.grid ** 2:]   # patch tokens (class token dropped)
             aux = F.cross_entropy(aux_head(pf).reshape(-1, aux_head.out_features).float(),
