@@ -45,7 +45,8 @@ Clipping does not starve the projector: after warm-up the total gradient norm is
 (clip 1.0) and AdamW's step is invariant to the uniform clip scale.
 
 ``evaluate_llava(model_dir, n_images)``: QA exact match overall and on counting, pointing (share
-of predicted points inside a matching object; exact counts; for one-target questions
+of predicted points inside a matching object, and inside any object; the median distance
+of a point to the nearest target centre; exact counts; for one-target questions
 the correlation of the first point with the target per axis, ``point_corr_x|y``),
 dense-description exact match, on the test split.
 """
@@ -577,13 +578,21 @@ def evaluate_llava(model_dir: str, n_images: int = 200, *, seed: int = 0,
             res[f"qa_{k}"] = float(np.mean(sel))
     cnt = [o for o, e in zip(ok, qa) if e["kind"] in COUNT_KINDS]
     res["qa_counting"] = float(np.mean(cnt))
-    hits = total = 0
+    hits = total = on_any = 0
     exact_total = exact_points = 0
     first, truth = [], []   # first predicted point vs the target, one-target questions
+    errs = []               # each predicted point's distance to the nearest target centre
     for o, e in zip(pt_out, pt):
         pts, n = parse_point_answer(o)
         h, k = point_hits(e["scene"], e["question"], pts)
         hits, total = hits + h, total + k
+        lm = e["scene"].label_map()
+        true_xy = np.asarray(parse_point_answer(e["answer"])[0], np.float64).reshape(-1, 2)
+        for x, y in np.asarray(pts, np.float64).reshape(-1, 2):
+            xi, yi = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+            on_any += int(0 <= xi < lm.shape[1] and 0 <= yi < lm.shape[0] and lm[yi, xi] > 0)
+            if len(true_xy):
+                errs.append(float(np.min(np.hypot(*(true_xy - [x, y]).T))))
         true_pts, true_n = parse_point_answer(e["answer"])
         exact_total += int(n == true_n)
         exact_points += int(len(pts) == true_n)
@@ -594,6 +603,10 @@ def evaluate_llava(model_dir: str, n_images: int = 200, *, seed: int = 0,
     res["point_count_exact"] = exact_total / len(pt)
     res["point_npoints_exact"] = exact_points / len(pt)
     res["point_n_predicted"] = total
+    # where misses go: on some object (the wrong one) or on the background; and how far
+    res["point_on_any_object"] = on_any / total if total else float("nan")
+    if errs:
+        res["point_err_px_median"] = float(np.median(errs))
     if len(first) >= 3:
         # does the first point follow the object along each axis? (the bundled model's rows
         # do, its columns hardly: see BENCHMARKS.md)
