@@ -66,6 +66,7 @@ def _cmd_train_llava(a: argparse.Namespace) -> int:
         **({"image_pos_init": a.image_pos_init} if a.image_pos_init else {}),
         **({"image_pos_norm": a.image_pos_norm} if a.image_pos_norm else {}),
         **({"coord_tokens": a.coord_tokens} if a.coord_tokens else {}),
+        **({"image_norm_init": a.image_norm_init} if a.image_norm_init else {}),
         **({"coord_sigma": a.coord_sigma} if a.coord_sigma else {}))
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--coord-tokens", type=int,
                    help="llava: write point coordinates as N single tokens <loc0>..<locN-1> "
                         "(64 = every pixel of the 64 px frame)")
+    t.add_argument("--image-norm-init", type=float,
+                   help="llava stage 1 with --image-feature-norm rms: initial RMSNorm gain")
     t.add_argument("--coord-sigma", type=float,
                    help="llava: Gaussian target (std in pixels) over the coordinate tokens")
     t.add_argument("--image-pos-embed", choices=["none", "learned"],

@@ -96,6 +96,10 @@ class LlavaTrainConfig:
     # projector output, image tokens at ~text-embedding scale). 250 stage-2 steps: QA 0.452
     # with it vs 0.499 without (both loss_weighting="answer"), colour questions 0.16 vs 0.64.
     image_feature_norm: str = "none"
+    # new model with image_feature_norm="rms": the RMSNorm's initial gain (LlavaConfig's
+    # image_norm_init, 0.1: image tokens at norm ~1.3, text scale). A larger gain keeps image
+    # tokens large against the LM's own updates, as without the norm (norm ~300 after stage 2).
+    image_norm_init: float = 0.1
     # "token": one mean over every answer token of the batch; "answer": the mean over each
     # answer's tokens (and its <eot>), then the mean over answers - a one-token QA answer
     # weighs as much as a 30-token pointing answer (with "token" a yes/no answer is ~1/40 of a
@@ -412,7 +416,8 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
         if cfg.coord_tokens:   # 88 words/specials + N coordinates, rounded up to 32
             extra_kw["text"] = {"vocab_size": -(-tok.vocab_size // 32) * 32}
         model = fmrt.create_model(cfg.arch, image_pos_embed=cfg.image_pos_embed,
-                                  image_feature_norm=cfg.image_feature_norm, **extra_kw)
+                                  image_feature_norm=cfg.image_feature_norm,
+                                  image_norm_init=cfg.image_norm_init, **extra_kw)
         if cfg.coord_tokens:
             init_coord_embeddings(model.language_model, coord_token_ids(tok), seed=cfg.seed)
         pre = load_vision_from_clip(model, cfg.vision_from)
