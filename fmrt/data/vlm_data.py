@@ -5,7 +5,9 @@ every ShapesWorld word and punctuation mark: ids 0-85) plus two added special to
 ``<image>`` (86, the image placeholder, expanded by the model into one token per patch) and
 ``<sep>`` (87, ends the user turn). Points are plain text, ``<point x="12" y="40">`` tokenises as
 ``< point x = " 1 2 " y = " 4 0 " >`` (digits one by one), so any pixel coordinate needs only the
-ten digit tokens, and ``fmrt.data.parse_point_answer`` reads a generated answer back.
+ten digit tokens, and ``fmrt.data.parse_point_answer`` reads a generated answer back. With
+coordinate tokens (``build_vlm_tokenizer(coord_tokens=64)``, the bundled ``shapes-llava``) each
+value is one token instead, ``x = " <loc12> "`` (``encode_text``), and decodes to the same text.
 
 Prompt format (one user turn, then the answer)::
 
