@@ -269,6 +269,10 @@ def test_coordinate_token_loss_and_embedding_init():
     assert torch.allclose(answer_loss(logits, labels, coord_ids=coord, coord_sigma=1.0), want)
     with pytest.raises(ValueError, match="token"):
         answer_loss(logits, labels, "answer", coord_ids=coord, coord_sigma=1.0)
+    from fmrt.train.llava import LlavaTrainConfig
+
+    with pytest.raises(ValueError, match="token"):
+        LlavaTrainConfig(stage=2, coord_tokens=64, coord_sigma=1.0, loss_weighting="answer")
     # growing the tied table keeps the old rows; the smooth init orders the new ones
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
                                       num_layers=1, num_heads=2, num_kv_heads=1))

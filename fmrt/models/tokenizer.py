@@ -154,7 +154,8 @@ class WordTokenizer(_Base):
 
     def _decode(self, ids: List[int]) -> str:
         # Rejoin words with spaces, glue punctuation/digits the way ShapesWorld writes them.
-        # Ids past the vocabulary (a model's embedding table is padded to 128) read as <unk>.
+        # Ids past the vocabulary (a model's embedding table is padded to a multiple of 32) read
+        # as <unk>.
         toks = [self._tk.id_to_token(i) or "<unk>" for i in ids]
         # a coordinate token (fmrt.data.vlm_data.build_vlm_tokenizer) reads as its number
         toks = [t[4:-1] if t.startswith("<loc") and t[4:-1].isdigit() else t for t in toks]

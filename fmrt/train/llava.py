@@ -166,6 +166,10 @@ class LlavaTrainConfig:
         if self.loss_weighting not in ("token", "answer"):
             raise ValueError(f"loss_weighting must be 'token' or 'answer', got "
                              f"{self.loss_weighting!r}")
+        if self.coord_tokens < 0 or self.coord_sigma < 0:
+            raise ValueError("coord_tokens and coord_sigma must be >= 0")
+        if self.coord_sigma > 0 and self.loss_weighting != "token":
+            raise ValueError("coord_sigma needs loss_weighting='token'")
         if not self.steps:
             self.steps = 60 if self.stage == 1 else 800
         if not self.turns:
@@ -251,9 +255,10 @@ def position_code_2d(grid: int, dim: int, norm: float = 1.0, full: bool = False
 def init_coord_embeddings(lm, ids: List[int], *, n_freq: int = 12, seed: int = 0) -> None:
     """Set the embedding rows ``ids`` (coordinate tokens, value ``k = 0 .. N-1``) to a smooth
     code: ``sum_f cos(pi f (k + 1/2) / N) u_f`` for ``f = 1 .. n_freq`` over random orthonormal
-    directions ``u_f``, plus the mean row, at the table's mean row norm. Neighbours start with
-    cosine ~0.97, values a quarter of the range apart ~0.1, so with the tied head a near miss is
-    a small logit error from the first step."""
+    directions ``u_f``, plus a little of the mean row, at the table's mean row norm. For N = 64
+    and 12 frequencies, neighbours start at cosine ~0.93, values 2 apart ~0.75, 4 apart ~0.19
+    and 8 or more apart <= 0, so with the tied head a near miss is a small logit error from the
+    first step."""
     w = lm.embed_tokens.weight
     n = len(ids)
     g = torch.Generator().manual_seed(seed)
@@ -591,14 +596,14 @@ def evaluate_llava(model_dir: str, n_images: int = 200, *, seed: int = 0,
         pts, n = parse_point_answer(o)
         h, k = point_hits(e["scene"], e["question"], pts)
         hits, total = hits + h, total + k
+        true_pts, true_n = parse_point_answer(e["answer"])
         lm = e["scene"].label_map()
-        true_xy = np.asarray(parse_point_answer(e["answer"])[0], np.float64).reshape(-1, 2)
+        true_xy = np.asarray(true_pts, np.float64).reshape(-1, 2)
         for x, y in np.asarray(pts, np.float64).reshape(-1, 2):
             xi, yi = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
             on_any += int(0 <= xi < lm.shape[1] and 0 <= yi < lm.shape[0] and lm[yi, xi] > 0)
             if len(true_xy):
                 errs.append(float(np.min(np.hypot(*(true_xy - [x, y]).T))))
-        true_pts, true_n = parse_point_answer(e["answer"])
         exact_total += int(n == true_n)
         exact_points += int(len(pts) == true_n)
         if true_n == 1 and len(pts):
