@@ -43,6 +43,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+#: llava trainer options passed through from the command line when set (same names).
+_LLAVA_OPTIONS = ("loss_weighting", "image_feature_norm", "projector_lr_scale",
+                  "qa_first_steps", "turns", "tune_vision", "vision_lr_scale",
+                  "image_pos_embed", "dense_aux_weight", "image_pos_init", "image_pos_norm",
+                  "coord_tokens", "image_norm_init", "coord_sigma")
+
+
 def _cmd_train_llava(a: argparse.Namespace) -> int:
     from fmrt.train.llava import LlavaTrainConfig, train
 
@@ -53,21 +60,9 @@ def _cmd_train_llava(a: argparse.Namespace) -> int:
         warmup=a.warmup if a.warmup is not None else 30, seed=a.seed, threads=a.threads,
         resume=not a.no_resume, ckpt_every=a.ckpt_every,
         **({"lm_steps": a.lm_steps} if a.lm_steps is not None else {}),
-        **({"loss_weighting": a.loss_weighting} if a.loss_weighting else {}),
-        **({"image_feature_norm": a.image_feature_norm} if a.image_feature_norm else {}),
-        **({"projector_lr_scale": a.projector_lr_scale} if a.projector_lr_scale else {}),
-        **({"qa_first_steps": a.qa_first_steps} if a.qa_first_steps else {}),
         **({"mix": json.loads(a.mix)} if a.mix else {}),
-        **({"turns": a.turns} if a.turns else {}),
-        **({"tune_vision": True} if a.tune_vision else {}),
-        **({"vision_lr_scale": a.vision_lr_scale} if a.vision_lr_scale else {}),
-        **({"image_pos_embed": a.image_pos_embed} if a.image_pos_embed else {}),
-        **({"dense_aux_weight": a.dense_aux_weight} if a.dense_aux_weight else {}),
-        **({"image_pos_init": a.image_pos_init} if a.image_pos_init else {}),
-        **({"image_pos_norm": a.image_pos_norm} if a.image_pos_norm else {}),
-        **({"coord_tokens": a.coord_tokens} if a.coord_tokens else {}),
-        **({"image_norm_init": a.image_norm_init} if a.image_norm_init else {}),
-        **({"coord_sigma": a.coord_sigma} if a.coord_sigma else {}))
+        # options left unset (None / False / 0) keep LlavaTrainConfig's defaults
+        **{k: getattr(a, k) for k in _LLAVA_OPTIONS if getattr(a, k)})
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0

@@ -305,7 +305,7 @@ class _ScriptedLM:
 
 def test_point_rescales_to_original_non_square_image(llava_dir):
     from fmrt.data import ShapesWorld, as_rng, point_answer
-    from fmrt.data.vlm_data import _words
+    from fmrt.data.vlm_data import encode_text
 
     vlm = fmrt.load(llava_dir)
     world = ShapesWorld(image_size=64, seed=0)
@@ -313,7 +313,7 @@ def test_point_rescales_to_original_non_square_image(llava_dir):
     shape = scene.objects[0].shape
     answer = point_answer(scene, shape)          # in the model's 64 x 64 frame
     tok = vlm.tokenizer
-    script = _words(tok, answer) + [tok.eot_token_id]
+    script = encode_text(tok, answer) + [tok.eot_token_id]
     vlm._lm = _ScriptedLM(script, vlm.torch_model.config.text.vocab_size)
     h, w = 96, 160                               # non-square original (x 2.5 wide, x 1.5 tall)
     big = torch.nn.functional.interpolate(

@@ -104,14 +104,11 @@ def special_ids(tok) -> Tuple[int, int]:
     return img, sep
 
 
-_words = encode_text
-
-
 def prompt_ids(tok, question: str, image_seq_length: int, images: int = 1) -> List[int]:
     """``<sot> <image>*image_seq_length {question} <sep>``: an expanded prompt (``images``
     placeholders runs, all before the question)."""
     img, sep = special_ids(tok)
-    return ([tok.sot_token_id] + [img] * (image_seq_length * images) + _words(tok, question)
+    return ([tok.sot_token_id] + [img] * (image_seq_length * images) + encode_text(tok, question)
             + [sep])
 
 
@@ -120,7 +117,7 @@ def encode_example(tok, question: str, answer: str, image_seq_length: int
     """(input ids, labels): the prompt, the answer and ``<eot>``; labels are ``IGNORE`` on the
     prompt (the loss covers the answer only)."""
     p = prompt_ids(tok, question, image_seq_length)
-    a = _words(tok, answer) + [tok.eot_token_id]
+    a = encode_text(tok, answer) + [tok.eot_token_id]
     return p + a, [IGNORE] * len(p) + a
 
 
@@ -187,8 +184,8 @@ def encode_conversation(tok, turns: Sequence[Tuple[str, str]], image_seq_length:
     _, sep = special_ids(tok)
     ids, labels = encode_example(tok, turns[0][0], turns[0][1], image_seq_length)
     for q, a in turns[1:]:
-        p = _words(tok, q) + [sep]
-        ans = _words(tok, a) + [tok.eot_token_id]
+        p = encode_text(tok, q) + [sep]
+        ans = encode_text(tok, a) + [tok.eot_token_id]
         ids += p + ans
         labels += [IGNORE] * len(p) + ans
     return ids, labels

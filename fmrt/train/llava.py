@@ -254,6 +254,12 @@ def position_code_2d(grid: int, dim: int, norm: float = 1.0, full: bool = False
     return e.float()
 
 
+def padded_vocab_size(tok) -> int:
+    """The LM vocabulary for ``tok``: its size rounded up to a multiple of 32 (160 with the 64
+    coordinate tokens; the digit tokenizer's 88 ids fit the default 128)."""
+    return -(-tok.vocab_size // 32) * 32
+
+
 def init_coord_embeddings(lm, ids: List[int], *, n_freq: int = 12, seed: int = 0) -> None:
     """Set the embedding rows ``ids`` (coordinate tokens, value ``k = 0 .. N-1``) to a smooth
     code: ``sum_f cos(pi f (k + 1/2) / N) u_f`` for ``f = 1 .. n_freq`` over random orthonormal
@@ -410,7 +416,7 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
             # <loc> tokens appended after <image>/<sep>, the tied table grown to fit
             tok = build_vlm_tokenizer(tok.context_length, coord_tokens=cfg.coord_tokens)
             model.language_model.resize_token_embeddings(
-                max(model.config.text.vocab_size, -(-tok.vocab_size // 32) * 32))
+                max(model.config.text.vocab_size, padded_vocab_size(tok)))
             init_coord_embeddings(model.language_model, coord_token_ids(tok), seed=cfg.seed)
         elif cfg.coord_tokens and len(coord_token_ids(tok)) != cfg.coord_tokens:
             raise ValueError(f"{cfg.init_from} has {len(coord_token_ids(tok))} coordinate "
@@ -420,8 +426,8 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
             print("warning: stage 2 without --init (no stage-1 projector)", file=sys.stderr)
         tok = build_vlm_tokenizer(coord_tokens=cfg.coord_tokens)
         extra_kw: Dict[str, Any] = {}
-        if cfg.coord_tokens:   # 88 words/specials + N coordinates, rounded up to 32
-            extra_kw["text"] = {"vocab_size": -(-tok.vocab_size // 32) * 32}
+        if cfg.coord_tokens:   # 88 words/specials + N coordinates
+            extra_kw["text"] = {"vocab_size": padded_vocab_size(tok)}
         model = fmrt.create_model(cfg.arch, image_pos_embed=cfg.image_pos_embed,
                                   image_feature_norm=cfg.image_feature_norm,
                                   image_norm_init=cfg.image_norm_init, **extra_kw)
