@@ -47,7 +47,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 _LLAVA_OPTIONS = ("loss_weighting", "image_feature_norm", "projector_lr_scale",
                   "qa_first_steps", "turns", "tune_vision", "vision_lr_scale",
                   "image_pos_embed", "dense_aux_weight", "image_pos_init", "image_pos_norm",
-                  "coord_tokens", "image_norm_init", "coord_sigma")
+                  "coord_tokens", "image_norm_init", "coord_sigma", "vision_from",
+                  "vision_select")
 
 
 def _cmd_train_llava(a: argparse.Namespace) -> int:
@@ -287,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llava stage 1 with --image-feature-norm rms: initial RMSNorm gain")
     t.add_argument("--coord-sigma", type=float,
                    help="llava: Gaussian target (std in pixels) over the coordinate tokens")
+    t.add_argument("--vision-from",
+                   help="llava stage 1: CLIP-family model (bundled name or directory) whose "
+                        "image tower is reused (default shapes-clip)")
+    t.add_argument("--vision-select", choices=["default", "full"],
+                   help="llava stage 1: image tokens = patch tokens (default, HF LLaVA) or "
+                        "the class token too (full)")
     t.add_argument("--image-pos-embed", choices=["none", "learned"],
                    help="llava stage 1: learned position embedding on projected image features")
     t.add_argument("--qa-first-steps", type=int,

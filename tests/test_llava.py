@@ -452,6 +452,35 @@ def test_train_two_stages_smoke(tmp_path):
     assert isinstance(out["text"], str) and isinstance(out["points"], list)
 
 
+def test_train_stage1_tower_choice_and_class_token(tmp_path):
+    """``vision_from`` picks the CLIP-family tower; ``vision_select="full"`` keeps its class
+    token as a 65th image token through training, the facade and its prompts."""
+    from fmrt.models.llava import LlavaRunner
+    from fmrt.pretrained import load_pretrained
+    from fmrt.train.llava import LlavaTrainConfig, train
+
+    with pytest.raises(ValueError, match="vision_select"):
+        LlavaTrainConfig(vision_select="cls")
+    s1 = train(LlavaTrainConfig(stage=1, steps=1, batch_size=2, out_dir=str(tmp_path / "s1"),
+                                threads=1, vision_from="shapes-negclip", vision_select="full"),
+               progress=False)
+    m1 = load_pretrained(s1).model
+    neg = load_pretrained("shapes-negclip").model
+    assert torch.allclose(m1.vision_tower.conv1.weight, neg.visual.conv1.weight)
+    assert m1.config.vision_feature_select_strategy == "full"
+    assert m1.config.image_seq_length == 65
+    s2 = train(LlavaTrainConfig(stage=2, steps=1, batch_size=2, init_from=s1,
+                                out_dir=str(tmp_path / "s2"), threads=1), progress=False)
+    px = torch.zeros(2, 3, 64, 64)
+    assert load_pretrained(s2).model.image_features(px).shape == (2, 65, 160)
+    out = LlavaRunner(s2).generate([np.full((40, 50, 3), 200, np.uint8)], "is there a red star?",
+                                   max_new_tokens=2)
+    assert isinstance(out, str)
+    with pytest.raises(ValueError, match="vision tower mismatch"):
+        train(LlavaTrainConfig(stage=1, steps=1, batch_size=2, out_dir=str(tmp_path / "bad"),
+                               threads=1, vision_from="shapes-sam"), progress=False)
+
+
 @pytest.mark.skipif("shapes-llava" not in fmrt.pretrained.list_pretrained(),
                     reason="shapes-llava is not bundled")
 def test_bundled_shapes_llava_smoke():

@@ -153,6 +153,12 @@ class LlavaTrainConfig:
     # coordinate tokens (std coord_sigma pixels) instead of the one-hot value: a near miss
     # costs less than a far one (plain cross-entropy treats 12 vs 13 like 12 vs 60).
     coord_sigma: float = 0.0
+    # stage 1 (new model): LlavaConfig.vision_feature_select_strategy. "default" (HF LLaVA)
+    # drops the class token; "full" keeps it as a 65th image token. Why: the contrastive
+    # tower's class token is what CLIP training taught to summarise the scene (single-object
+    # caption matching 0.977), while the patch tokens read a patch's shape at only ~62-70%
+    # (benchmarks/probe_llava_features.py).
+    vision_select: str = "default"
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -172,6 +178,9 @@ class LlavaTrainConfig:
             raise ValueError("coord_tokens and coord_sigma must be >= 0")
         if self.coord_sigma > 0 and self.loss_weighting != "token":
             raise ValueError("coord_sigma needs loss_weighting='token'")
+        if self.vision_select not in ("default", "full"):
+            raise ValueError(f"vision_select must be 'default' or 'full', got "
+                             f"{self.vision_select!r}")
         if not self.steps:
             self.steps = 60 if self.stage == 1 else 800
         if not self.turns:
@@ -430,7 +439,8 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
             extra_kw["text"] = {"vocab_size": padded_vocab_size(tok)}
         model = fmrt.create_model(cfg.arch, image_pos_embed=cfg.image_pos_embed,
                                   image_feature_norm=cfg.image_feature_norm,
-                                  image_norm_init=cfg.image_norm_init, **extra_kw)
+                                  image_norm_init=cfg.image_norm_init,
+                                  vision_feature_select_strategy=cfg.vision_select, **extra_kw)
         if cfg.coord_tokens:
             init_coord_embeddings(model.language_model, coord_token_ids(tok), seed=cfg.seed)
         pre = load_vision_from_clip(model, cfg.vision_from)
