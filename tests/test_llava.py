@@ -452,6 +452,49 @@ def test_train_two_stages_smoke(tmp_path):
     assert isinstance(out["text"], str) and isinstance(out["points"], list)
 
 
+def test_independent_turns_score_each_turn_as_if_alone():
+    """A packed row of independent turns gives every turn exactly the logits of the
+    single-question sequence ``prompt_ids(question) + answer`` (odd lengths, padding, GQA)."""
+    from fmrt.data.vlm_data import encode_example, encode_independent_turns
+
+    torch.manual_seed(0)
+    tok = build_vlm_tokenizer(coord_tokens=64)
+    model = fmrt.create_model("shapes-llava-tiny", text={"vocab_size": 160}).eval()
+    n_img = model.config.image_seq_length
+    turns = [("how many shapes are there?", "three"), ("is there a red star?", "no"),
+             ("point to the blue circles", '<point x="12" y="40"> counting the blue circles '
+              'shows a total of 1.'), ("what color is the square?", "green")]
+    ids, labels, segs, pos = encode_independent_turns(tok, turns, n_img)
+    assert len(ids) == len(labels) == len(segs) == len(pos)
+    short, _, s2, p2 = encode_independent_turns(tok, turns[:1], n_img)
+    pad = len(ids) - len(short)   # second row: one turn, padded (segment -1, position 0)
+    batch_ids = torch.tensor([ids, short + [0] * pad])
+    batch_segs = torch.tensor([segs, s2 + [-1] * pad])
+    batch_pos = torch.tensor([pos, p2 + [0] * pad])
+    px = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        packed = model(batch_ids, px, position_ids=batch_pos, segment_ids=batch_segs)
+        assert torch.isfinite(packed).all()
+        start = 1 + n_img
+        for j, (q, a) in enumerate(turns):
+            alone, _ = encode_example(tok, q, a, n_img)
+            ref = model(torch.tensor([alone]), px[:1])[0]
+            if j == 0:
+                got = packed[0, :len(alone)]
+            else:
+                sel = [i for i, s in enumerate(segs) if s == j + 1]
+                got = torch.cat([packed[0, :start], packed[0, sel]])
+            assert torch.allclose(got, ref, atol=1e-5), j
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(batch_ids, px, segment_ids=batch_segs, attention_mask=torch.ones_like(batch_ids)
+              .index_fill_(1, torch.tensor([0]), 0))
+    # the stream's packing matches, and training takes the flag
+    st = InstructionStream(tok, stage=2, batch_size=3, turns=4, independent_turns=True)(0)
+    assert st["segment_ids"].shape == st["input_ids"].shape == st["position_ids"].shape
+    assert (st["segment_ids"][:, :start] == 0).all()
+    assert (st["position_ids"][:, start:][st["segment_ids"][:, start:] > 0] >= start).all()
+
+
 def test_train_stage1_tower_choice_and_class_token(tmp_path):
     """``vision_from`` picks the CLIP-family tower; ``vision_select="full"`` keeps its class
     token as a 65th image token through training, the facade and its prompts."""
@@ -469,8 +512,9 @@ def test_train_stage1_tower_choice_and_class_token(tmp_path):
     assert torch.allclose(m1.vision_tower.conv1.weight, neg.visual.conv1.weight)
     assert m1.config.vision_feature_select_strategy == "full"
     assert m1.config.image_seq_length == 65
-    s2 = train(LlavaTrainConfig(stage=2, steps=1, batch_size=2, init_from=s1,
-                                out_dir=str(tmp_path / "s2"), threads=1), progress=False)
+    s2 = train(LlavaTrainConfig(stage=2, steps=1, batch_size=2, init_from=s1, turns=3,
+                                independent_turns=True, out_dir=str(tmp_path / "s2"),
+                                threads=1), progress=False)
     px = torch.zeros(2, 3, 64, 64)
     assert load_pretrained(s2).model.image_features(px).shape == (2, 65, 160)
     out = LlavaRunner(s2).generate([np.full((40, 50, 3), 200, np.uint8)], "is there a red star?",

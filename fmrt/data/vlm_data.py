@@ -191,6 +191,35 @@ def encode_conversation(tok, turns: Sequence[Tuple[str, str]], image_seq_length:
     return ids, labels
 
 
+def encode_independent_turns(tok, turns: Sequence[Tuple[str, str]], image_seq_length: int
+                             ) -> Tuple[List[int], List[int], List[int], List[int]]:
+    """Several (question, answer) turns about one image packed as independent continuations
+    of one shared ``<sot> <image>*`` prefix: (ids, labels, segment ids, position ids) for
+    ``LlamaForCausalLM.forward(segment_ids=, position_ids=)``. Each turn is
+    ``{question} <sep> {answer} <eot>`` with positions restarting where the prefix ends and
+    attention to the prefix and itself only, so every turn is trained exactly in the
+    single-question inference format of ``prompt_ids``.
+
+    Why: in a plain multi-turn sequence (``encode_conversation``) a short question often
+    follows a description, a caption or a pointing answer that already names the objects
+    (with the description-heavy stage-2 mix, 58-74% of the count / colour / existence / shape
+    questions did), so much of their loss can be paid from the text instead of the image,
+    while evaluation asks each question alone."""
+    ids, labels = encode_example(tok, turns[0][0], turns[0][1], image_seq_length)
+    prefix = 1 + image_seq_length
+    segs = [0] * prefix + [1] * (len(ids) - prefix)
+    pos = list(range(len(ids)))
+    _, sep = special_ids(tok)
+    for j, (q, a) in enumerate(turns[1:], start=2):
+        p = encode_text(tok, q) + [sep]
+        ans = encode_text(tok, a) + [tok.eot_token_id]
+        ids += p + ans
+        labels += [IGNORE] * len(p) + ans
+        segs += [j] * (len(p) + len(ans))
+        pos += range(prefix, prefix + len(p) + len(ans))
+    return ids, labels, segs, pos
+
+
 def patch_labels(scenes, grid: int) -> np.ndarray:
     """``int64 [B, grid*grid]`` (row-major patches): ``1 + shape * len(COLORS) + colour`` of the
     object covering most of each patch (at least an eighth of its pixels), 0 for background.
@@ -224,7 +253,7 @@ class InstructionStream:
     def __init__(self, tok, *, stage: int, batch_size: int, image_size: int = 64,
                  image_seq_length: int = 64, seed: int = 0,
                  mix: Optional[Dict[str, float]] = None, turns: int = 1,
-                 patch_grid: int = 0) -> None:
+                 patch_grid: int = 0, independent_turns: bool = False) -> None:
         from fmrt.data import ShapesWorld, split_seed
 
         if stage not in (1, 2):
@@ -237,6 +266,9 @@ class InstructionStream:
         self.mix = dict(mix or STAGE2_MIX)
         self.turns = int(turns)
         self.patch_grid = int(patch_grid)   # > 0: also return patch_labels (grid x grid)
+        # True: turns packed by encode_independent_turns; batches gain segment_ids and
+        # position_ids (padding: segment -1, position 0)
+        self.independent_turns = bool(independent_turns)
 
     def __call__(self, step: int) -> Dict[str, Any]:
         import torch
@@ -249,17 +281,26 @@ class InstructionStream:
             sc = self.world.sample_scene(R)
             tasks = _pick_tasks(R, sc, self.stage, self.mix, self.turns)
             scenes.append(sc)
-            rows.append(encode_conversation(self.tok, [(q, a) for _, q, a in tasks],
-                                            self.image_seq_length))
+            qa = [(q, a) for _, q, a in tasks]
+            rows.append(encode_independent_turns(self.tok, qa, self.image_seq_length)
+                        if self.independent_turns else
+                        encode_conversation(self.tok, qa, self.image_seq_length))
             kinds.append([k for k, _, _ in tasks])
         n = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), n), self.tok.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
-        for i, (x, y) in enumerate(rows):
-            ids[i, :len(x)] = torch.tensor(x)
-            labels[i, :len(y)] = torch.tensor(y)
+        segs = torch.full((len(rows), n), -1, dtype=torch.long)
+        pos = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r[0])] = torch.tensor(r[0])
+            labels[i, :len(r[1])] = torch.tensor(r[1])
+            if self.independent_turns:
+                segs[i, :len(r[2])] = torch.tensor(r[2])
+                pos[i, :len(r[3])] = torch.tensor(r[3])
         out = {"images": render_batch(scenes), "input_ids": ids, "labels": labels,
                "kinds": kinds}
+        if self.independent_turns:
+            out["segment_ids"], out["position_ids"] = segs, pos
         if self.patch_grid:
             out["patch_labels"] = torch.from_numpy(patch_labels(scenes, self.patch_grid))
         return out

@@ -204,9 +204,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 cache: Optional[KVCache] = None, layer: int = 0, start: int = 0,
-                key_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None
-                ) -> torch.Tensor:
-        """x: ``B x n x C``; key_mask: ``B x (start + n)`` bool valid keys (None = all)."""
+                key_mask: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                backend: Optional[str] = None) -> torch.Tensor:
+        """x: ``B x n x C``; key_mask: ``B x (start + n)`` bool valid keys (None = all);
+        mask: ``B x n x n`` bool (True = attend), replaces the causal / key mask (no cache)."""
         b, n, _ = x.shape
         h, hk, d = self.heads, self.kv_heads, self.head_dim
         qkv = _linear(x, self.qkv)
@@ -228,7 +229,9 @@ class LlamaAttention(nn.Module):
         if self.groups > 1:
             k = k.repeat_interleave(self.groups, dim=1)
             v = v.repeat_interleave(self.groups, dim=1)
-        if key_mask is None:
+        if mask is not None:
+            out = attention(q, k, v, attn_mask=mask[:, None], backend=backend)
+        elif key_mask is None:
             out = attention(q, k, v, is_causal=True, backend=backend)
         else:
             # causal (bottom-right: new token t sits at slot lk - n + t) & valid keys; a padding
@@ -360,6 +363,7 @@ class LlamaForCausalLM(nn.Module):
                 inputs_embeds: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, logits_to_keep: int = 0,
                 return_hidden: bool = False, backend: Optional[str] = None) -> torch.Tensor:
         """Logits ``B x n x vocab`` (float, the model dtype).
@@ -371,6 +375,13 @@ class LlamaForCausalLM(nn.Module):
                 count real tokens only (``cumsum(mask) - 1``, what Hugging Face's ``generate``
                 uses), unless ``position_ids`` is given.
             position_ids: ``B x n`` explicit rotary positions (without a cache only).
+            segment_ids: ``B x n`` long, training only (no cache, no attention_mask): several
+                independent continuations of one shared prefix packed in a row. Segment 0 is
+                the prefix; a token of segment s > 0 attends causally to segment 0 and to
+                earlier tokens of segment s only (negative ids: padding, which sees the prefix
+                and itself). Pair it with ``position_ids`` restarting each segment where the
+                prefix ends, and every segment is scored exactly as if it alone followed the
+                prefix (``fmrt.data.vlm_data.encode_conversation(independent=True)``).
             cache: a ``KVCache``; the ``n`` tokens are appended after the cached ones.
             logits_to_keep: >0 computes logits for the last that many positions only.
             return_hidden: return the final normed hidden states ``B x n x hidden`` instead.
@@ -399,11 +410,20 @@ class LlamaForCausalLM(nn.Module):
                     positions = (m.long().cumsum(1) - 1).clamp_min_(0)
             if position_ids is not None:
                 positions = position_ids.to(device=x.device, dtype=torch.long)
+        seg_mask = None
+        if segment_ids is not None:
+            if cache is not None or key_mask is not None:
+                raise ValueError("segment_ids cannot be combined with a cache or padding mask")
+            seg = segment_ids.to(device=x.device, dtype=torch.long)
+            if seg.shape != (b, n):
+                raise ValueError(f"segment_ids shape {tuple(seg.shape)} != {(b, n)}")
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            seg_mask = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
         cos, sin = self.rotary.tables(positions, n)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, blk in enumerate(self.layers):
             x = blk.forward(x, cos, sin, cache=cache, layer=i, start=start, key_mask=key_mask,
-                    backend=backend)
+                            mask=seg_mask, backend=backend)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)

@@ -229,12 +229,17 @@ class LlavaForConditionalGeneration(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None, *,
                 attention_mask: Optional[torch.Tensor] = None, cache=None,
                 logits_to_keep: int = 0, image_features: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None,
                 backend: Optional[str] = None) -> torch.Tensor:
         """Logits ``B x n x vocab``. ``input_ids``: ``B x n`` with ``image_seq_length``
-        placeholders per image; ``pixel_values``: ``I x 3 x S x S`` normalised images."""
+        placeholders per image; ``pixel_values``: ``I x 3 x S x S`` normalised images;
+        ``position_ids`` / ``segment_ids``: packed independent turns (training; see
+        ``LlamaForCausalLM.forward``)."""
         x = self.embed(input_ids, pixel_values, image_features)
         return self.language_model(inputs_embeds=x, attention_mask=attention_mask, cache=cache,
-                                   logits_to_keep=logits_to_keep, backend=backend)
+                                   logits_to_keep=logits_to_keep, position_ids=position_ids,
+                                   segment_ids=segment_ids, backend=backend)
 
     def expand_image_tokens(self, ids: Sequence[int]) -> List[int]:
         """Repeat every single ``image_token_id`` of a prompt ``image_seq_length`` times (what

@@ -159,6 +159,11 @@ class LlavaTrainConfig:
     # caption matching 0.977), while the patch tokens read a patch's shape at only ~62-70%
     # (benchmarks/probe_llava_features.py).
     vision_select: str = "default"
+    # stage 2: pack each image's turns as independent continuations of the shared image prefix
+    # (fmrt.data.vlm_data.encode_independent_turns): every question is trained in the
+    # single-question format it is asked in, and none can be answered from an earlier turn's
+    # description / caption / points instead of the image.
+    independent_turns: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -490,13 +495,15 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
                                image_size=model.image_size,
                                image_seq_length=model.config.image_seq_length, seed=cfg.seed,
                                turns=cfg.turns, mix=cfg.mix,
-                               patch_grid=model.config.grid if aux_head is not None else 0)
+                               patch_grid=model.config.grid if aux_head is not None else 0,
+                               independent_turns=cfg.independent_turns)
     make_batch = stream
     if cfg.stage == 2 and cfg.qa_first_steps > 0:
         qa_stream = InstructionStream(tok, stage=2, batch_size=cfg.batch_size,
                                       image_size=model.image_size,
                                       image_seq_length=model.config.image_seq_length,
-                                      seed=cfg.seed + 30_000, turns=cfg.turns, mix=QA_FIRST_MIX)
+                                      seed=cfg.seed + 30_000, turns=cfg.turns, mix=QA_FIRST_MIX,
+                                      independent_turns=cfg.independent_turns)
 
         def make_batch(step: int):  # deterministic in step, so resuming replays the schedule
             return qa_stream(step) if step < cfg.qa_first_steps else stream(step)
@@ -512,7 +519,9 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
         with torch.set_grad_enabled(tune_vision):
             hidden = model.vision_hidden(images)
         feats = model.project_hidden(hidden)
-        logits = model(batch["input_ids"], image_features=feats)
+        logits = model(batch["input_ids"], image_features=feats,
+                       position_ids=batch.get("position_ids"),
+                       segment_ids=batch.get("segment_ids"))
         loss = answer_loss(logits, batch["labels"], cfg.loss_weighting,
                            coord_ids=coord_ids, coord_sigma=cfg.coord_sigma)
         if aux_head is not None:
