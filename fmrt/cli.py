@@ -265,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int)
     t.add_argument("--lm-steps", type=int, help="flamingo / llava stage 1: steps of the text-only LM stage")
     t.add_argument("--lm-from", help="flamingo: reuse a stage-1 LM model dir")
-    t.add_argument("--loss-weighting", choices=["token", "answer"], help="llava: loss mean")
+    t.add_argument("--loss-weighting", choices=["token", "sqrt", "answer"],
+                   help="llava: loss mean over tokens, answers, or answers weighted by "
+                        "sqrt(length)")
     t.add_argument("--image-feature-norm", choices=["none", "rms"],
                    help="llava stage 1: RMSNorm on the projected image features")
     t.add_argument("--projector-lr-scale", type=float, help="llava: projector lr multiplier")

@@ -190,6 +190,13 @@ def test_answer_loss_weighting():
     per_token = (ce[0, 2:5].sum() + ce[0, 6] + ce[1, 1]) / 5
     assert torch.allclose(answer_loss(logits, labels, "answer"), per_answer)
     assert torch.allclose(answer_loss(logits, labels), per_token)
+    # sqrt: an answer of L tokens weighs sqrt(L), each of its tokens 1 / sqrt(L)
+    w3 = 3 ** -0.5
+    per_sqrt = (w3 * ce[0, 2:5].sum() + ce[0, 6] + ce[1, 1]) / (3 * w3 + 2)
+    assert torch.allclose(answer_loss(logits, labels, "sqrt"), per_sqrt)
+    with pytest.raises(ValueError, match="weighting"):
+        answer_loss(logits, labels, "row")
+    assert answer_loss(logits, torch.full((2, 8), -100)) == 0.0
     with pytest.raises(ValueError, match="loss_weighting"):
         LlavaTrainConfig(loss_weighting="row")
 
@@ -267,12 +274,12 @@ def test_coordinate_token_loss_and_embedding_init():
         return -(q / q.sum() * lp[row, pos, 10:]).sum()
     want = (-lp[0, 1, 3] + soft(0, 2, 4) + soft(0, 3, 5) + soft(1, 4, 1)) / 4
     assert torch.allclose(answer_loss(logits, labels, coord_ids=coord, coord_sigma=1.0), want)
-    with pytest.raises(ValueError, match="token"):
-        answer_loss(logits, labels, "answer", coord_ids=coord, coord_sigma=1.0)
-    from fmrt.train.llava import LlavaTrainConfig
-
-    with pytest.raises(ValueError, match="token"):
-        LlavaTrainConfig(stage=2, coord_tokens=64, coord_sigma=1.0, loss_weighting="answer")
+    # the answer weightings apply to the same per-token terms: one 3-token answer in row 0,
+    # one 1-token answer in row 1
+    terms = [-lp[0, 1, 3], soft(0, 2, 4), soft(0, 3, 5), soft(1, 4, 1)]
+    per_answer = ((terms[0] + terms[1] + terms[2]) / 3 + terms[3]) / 2
+    assert torch.allclose(answer_loss(logits, labels, "answer", coord_ids=coord,
+                                      coord_sigma=1.0), per_answer)
     # growing the tied table keeps the old rows; the smooth init orders the new ones
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
                                       num_layers=1, num_heads=2, num_kv_heads=1))

@@ -176,13 +176,11 @@ class LlavaTrainConfig:
             if bad or not self.mix or min(self.mix.values()) < 0:
                 raise ValueError(f"mix: unknown task(s) {bad} or negative / no weights; tasks "
                                  f"are {sorted(STAGE2_MIX)}")
-        if self.loss_weighting not in ("token", "answer"):
-            raise ValueError(f"loss_weighting must be 'token' or 'answer', got "
-                             f"{self.loss_weighting!r}")
+        if self.loss_weighting not in LOSS_WEIGHTING_POWER:
+            raise ValueError(f"loss_weighting must be one of {sorted(LOSS_WEIGHTING_POWER)}, "
+                             f"got {self.loss_weighting!r}")
         if self.coord_tokens < 0 or self.coord_sigma < 0:
             raise ValueError("coord_tokens and coord_sigma must be >= 0")
-        if self.coord_sigma > 0 and self.loss_weighting != "token":
-            raise ValueError("coord_sigma needs loss_weighting='token'")
         if self.vision_select not in ("default", "full"):
             raise ValueError(f"vision_select must be 'default' or 'full', got "
                              f"{self.vision_select!r}")
@@ -316,25 +314,35 @@ def _optimizer(model, cfg: LlavaTrainConfig) -> torch.optim.AdamW:
         lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
+#: answer-length exponent p of each ``loss_weighting``: a labelled token of an answer of L
+#: tokens (its ``<eot>`` included) weighs L**-p, and the loss is the weighted mean.
+LOSS_WEIGHTING_POWER = {"token": 0.0, "sqrt": 0.5, "answer": 1.0}
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weighting: str = "token",
                 coord_ids: Optional[List[int]] = None, coord_sigma: float = 0.0
                 ) -> torch.Tensor:
     """Next-token cross-entropy on positions whose next token is labelled (``labels`` B x n,
-    -100 elsewhere). ``weighting="token"``: the mean over all labelled tokens of the batch;
-    ``"answer"``: each maximal run of labelled tokens in a row (one answer and its ``<eot>``;
-    turns are separated by unlabelled question tokens) is averaged first, then the answers.
-    With ``coord_ids`` (the ids of coordinate values 0 .. N-1) and ``coord_sigma > 0``
-    (token weighting only), a labelled coordinate's target is a Gaussian of std
-    ``coord_sigma`` over the coordinate values around it (normalised), not its one-hot."""
+    -100 elsewhere), as a weighted mean: ``weighting="token"``, every labelled token alike;
+    ``"answer"``, each maximal run of labelled tokens in a row (one answer and its ``<eot>``;
+    turns are separated by unlabelled question tokens) weighs 1 in all, so answers count
+    alike; ``"sqrt"``, an answer of L tokens weighs sqrt(L) (a yes/no answer, 2 tokens, gets
+    1.4 against 5.5 for a 30-token description instead of 2 against 30 with "token").
+    With ``coord_ids`` (the ids of coordinate values 0 .. N-1) and ``coord_sigma > 0``, a
+    labelled coordinate's target is a Gaussian of std ``coord_sigma`` over the coordinate
+    values around it (normalised), not its one-hot."""
+    if weighting not in LOSS_WEIGHTING_POWER:
+        raise ValueError(f"weighting must be one of {sorted(LOSS_WEIGHTING_POWER)}, got "
+                         f"{weighting!r}")
     lab = labels[:, 1:]
+    flat = lab.reshape(-1)
+    on = flat != -100
+    if not bool(on.any()):
+        return logits.sum() * 0.0
+    lg = logits[:, :-1].reshape(-1, logits.shape[-1])[on]
+    lg = lg.to(torch.promote_types(lg.dtype, torch.float32))
+    y = flat[on]
     if coord_sigma > 0 and coord_ids:
-        if weighting != "token":
-            raise ValueError("coord_sigma needs weighting='token'")
-        flat = lab.reshape(-1)
-        on = flat != -100
-        lg = logits[:, :-1].reshape(-1, logits.shape[-1])[on]
-        lg = lg.to(torch.promote_types(lg.dtype, torch.float32))
-        y = flat[on]
         cid = torch.as_tensor(coord_ids, dtype=torch.long, device=y.device)
         value = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=y.device)
         value[cid] = torch.arange(len(coord_ids), device=y.device)
@@ -348,22 +356,18 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weighting: str = "to
             q = q / q.sum(1, keepdim=True)
             nll = nll.clone()
             nll[is_c] = -(q * logp[is_c][:, cid]).sum(1)
-        return nll.mean() if nll.numel() else logits.sum() * 0.0
-    if weighting == "token":
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                               lab.reshape(-1), ignore_index=-100)
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                         lab.reshape(-1), ignore_index=-100, reduction="none")
-    on = lab != -100
-    prev = torch.cat([torch.zeros_like(on[:, :1]), on[:, :-1]], dim=1)
-    seg = (on & ~prev).reshape(-1).long().cumsum(0) - 1       # answer index per position
-    seg = torch.where(on.reshape(-1), seg, torch.zeros_like(seg))
-    n_ans = int((on & ~prev).sum())
-    if n_ans == 0:
-        return ce.sum() * 0.0
-    w = on.reshape(-1).float()
-    size = torch.zeros(n_ans).index_add_(0, seg, w)
-    return (ce * w / size[seg].clamp_min(1.0)).sum() / n_ans
+    else:
+        nll = F.cross_entropy(lg, y, reduction="none")
+    power = LOSS_WEIGHTING_POWER[weighting]
+    if power == 0.0:
+        return nll.mean()
+    m = lab != -100
+    prev = torch.cat([torch.zeros_like(m[:, :1]), m[:, :-1]], dim=1)
+    seg = ((m & ~prev).reshape(-1).long().cumsum(0) - 1)[on]   # answer index per labelled token
+    size = torch.zeros(int(seg.max()) + 1, dtype=nll.dtype, device=nll.device)
+    size.index_add_(0, seg, torch.ones_like(nll))
+    w = size[seg] ** -power
+    return (w * nll).sum() / w.sum()
 
 
 def train_lm_text_only(model, tok, cfg: LlavaTrainConfig, *, progress: bool = True
