@@ -180,15 +180,9 @@ def encode_conversation(tok, turns: Sequence[Tuple[str, str]], image_seq_length:
                         ) -> Tuple[List[int], List[int]]:
     """Several (question, answer) turns about one image in one sequence: the first turn is
     exactly ``encode_example``'s (the inference format), later ones follow as
-    ``{question} <sep> {answer} <eot>``. Labels cover every answer and its ``<eot>``."""
-    _, sep = special_ids(tok)
-    ids, labels = encode_example(tok, turns[0][0], turns[0][1], image_seq_length)
-    for q, a in turns[1:]:
-        p = encode_text(tok, q) + [sep]
-        ans = encode_text(tok, a) + [tok.eot_token_id]
-        ids += p + ans
-        labels += [IGNORE] * len(p) + ans
-    return ids, labels
+    ``{question} <sep> {answer} <eot>``. Labels cover every answer and its ``<eot>``. (The
+    same tokens as ``encode_independent_turns``, read as one causal sequence.)"""
+    return encode_independent_turns(tok, turns, image_seq_length)[:2]
 
 
 def encode_independent_turns(tok, turns: Sequence[Tuple[str, str]], image_seq_length: int

@@ -379,9 +379,9 @@ class LlamaForCausalLM(nn.Module):
                 independent continuations of one shared prefix packed in a row. Segment 0 is
                 the prefix; a token of segment s > 0 attends causally to segment 0 and to
                 earlier tokens of segment s only (negative ids: padding, which sees the prefix
-                and itself). Pair it with ``position_ids`` restarting each segment where the
-                prefix ends, and every segment is scored exactly as if it alone followed the
-                prefix (``fmrt.data.vlm_data.encode_conversation(independent=True)``).
+                and earlier padding). Pair it with ``position_ids`` restarting each segment
+                where the prefix ends, and every segment is scored exactly as if it alone
+                followed the prefix (``fmrt.data.vlm_data.encode_independent_turns``).
             cache: a ``KVCache``; the ``n`` tokens are appended after the cached ones.
             logits_to_keep: >0 computes logits for the last that many positions only.
             return_hidden: return the final normed hidden states ``B x n x hidden`` instead.

@@ -107,6 +107,10 @@ class LlavaTrainConfig:
     # weighs as much as a 30-token pointing answer (with "token" a yes/no answer is ~1/40 of a
     # pointing-plus-QA row's loss). 250 stage-2 steps: QA 0.499 "answer" vs 0.482 "token" on
     # 100 test scenes (within noise), existence still at chance; default stays "token".
+    # "sqrt" (an answer of L tokens weighs sqrt(L)) sits between the two: with the
+    # description-heavy mix a yes/no answer is ~1% of a "token" batch loss, and several
+    # stage-2 runs (class token, position code, independent turns) left existence questions at
+    # the prior (P(yes) 0.48 for every test question, one-object scenes included).
     loss_weighting: str = "token"
     # lr multiplier of the projector (and image norm / position embedding) parameters
     projector_lr_scale: float = 1.0
