@@ -48,7 +48,7 @@ _LLAVA_OPTIONS = ("loss_weighting", "image_feature_norm", "projector_lr_scale",
                   "qa_first_steps", "turns", "tune_vision", "vision_lr_scale",
                   "image_pos_embed", "dense_aux_weight", "image_pos_init", "image_pos_norm",
                   "coord_tokens", "image_norm_init", "coord_sigma", "vision_from",
-                  "vision_select", "independent_turns")
+                  "vision_select", "independent_turns", "untie_embeddings")
 
 
 def _cmd_train_llava(a: argparse.Namespace) -> int:
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vision-from",
                    help="llava stage 1: CLIP-family model (bundled name or directory) whose "
                         "image tower is reused (default shapes-clip)")
+    t.add_argument("--untie-embeddings", action="store_true",
+                   help="llava stage 1: an output head of its own (not tied to the embeddings)")
     t.add_argument("--independent-turns", action="store_true",
                    help="llava stage 2: each turn sees the image and its own question only")
     t.add_argument("--vision-select", choices=["default", "full"],

@@ -512,9 +512,14 @@ def test_train_stage1_tower_choice_and_class_token(tmp_path):
     with pytest.raises(ValueError, match="vision_select"):
         LlavaTrainConfig(vision_select="cls")
     s1 = train(LlavaTrainConfig(stage=1, steps=1, batch_size=2, out_dir=str(tmp_path / "s1"),
-                                threads=1, vision_from="shapes-negclip", vision_select="full"),
-               progress=False)
+                                threads=1, vision_from="shapes-negclip", vision_select="full",
+                                untie_embeddings=True, coord_tokens=64), progress=False)
     m1 = load_pretrained(s1).model
+    # an untied output head that starts with the same coordinate code as the input table
+    lm = m1.language_model
+    assert lm.lm_head is not None and not m1.config.text.tie_word_embeddings
+    assert torch.equal(lm.lm_head.weight[88:152], lm.embed_tokens.weight[88:152])
+    assert not torch.equal(lm.lm_head.weight[:88], lm.embed_tokens.weight[:88])
     neg = load_pretrained("shapes-negclip").model
     assert torch.allclose(m1.vision_tower.conv1.weight, neg.visual.conv1.weight)
     assert m1.config.vision_feature_select_strategy == "full"

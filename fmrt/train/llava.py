@@ -168,6 +168,14 @@ class LlavaTrainConfig:
     # single-question format it is asked in, and none can be answered from an earlier turn's
     # description / caption / points instead of the image.
     independent_turns: bool = False
+    # stage 1 (new model): an output head of its own instead of the tied embedding table
+    # (LlamaConfig.tie_word_embeddings=False). Why: with the table tied, a one-word answer
+    # seen only before <eot> (yes / no) gets the same input-side gradient for both words, and
+    # until the model can tell presence the output side averages out: several stage-2 runs
+    # ended with "yes" and "no" at cosine 0.99 (0.70 in runs that learned existence), where
+    # the hidden state gets no gradient along their difference and existence questions stay
+    # at the prior (training loss ln 2, also after 150 existence-only steps).
+    untie_embeddings: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -447,15 +455,22 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
         if cfg.stage == 2:
             print("warning: stage 2 without --init (no stage-1 projector)", file=sys.stderr)
         tok = build_vlm_tokenizer(coord_tokens=cfg.coord_tokens)
-        extra_kw: Dict[str, Any] = {}
+        extra_kw: Dict[str, Any] = {"text": {}}
         if cfg.coord_tokens:   # 88 words/specials + N coordinates
-            extra_kw["text"] = {"vocab_size": padded_vocab_size(tok)}
+            extra_kw["text"]["vocab_size"] = padded_vocab_size(tok)
+        if cfg.untie_embeddings:
+            extra_kw["text"]["tie_word_embeddings"] = False
         model = fmrt.create_model(cfg.arch, image_pos_embed=cfg.image_pos_embed,
                                   image_feature_norm=cfg.image_feature_norm,
                                   image_norm_init=cfg.image_norm_init,
                                   vision_feature_select_strategy=cfg.vision_select, **extra_kw)
         if cfg.coord_tokens:
             init_coord_embeddings(model.language_model, coord_token_ids(tok), seed=cfg.seed)
+            if model.language_model.lm_head is not None:   # the head reads the same code
+                with torch.no_grad():
+                    ids = coord_token_ids(tok)
+                    model.language_model.lm_head.weight[ids] = \
+                        model.language_model.embed_tokens.weight[ids]
         pre = load_vision_from_clip(model, cfg.vision_from)
         probe = InstructionStream(tok, stage=1, batch_size=64, image_size=model.image_size,
                    seed=cfg.seed + 10_000)(0)["images"]
