@@ -107,10 +107,11 @@ class LlavaTrainConfig:
     # weighs as much as a 30-token pointing answer (with "token" a yes/no answer is ~1/40 of a
     # pointing-plus-QA row's loss). 250 stage-2 steps: QA 0.499 "answer" vs 0.482 "token" on
     # 100 test scenes (within noise), existence still at chance; default stays "token".
-    # "sqrt" (an answer of L tokens weighs sqrt(L)) sits between the two: with the
-    # description-heavy mix a yes/no answer is ~1% of a "token" batch loss, and several
-    # stage-2 runs (class token, position code, independent turns) left existence questions at
-    # the prior (P(yes) 0.48 for every test question, one-object scenes included).
+    # "sqrt" (an answer of L tokens weighs sqrt(L)) sits between the two (a yes/no answer is
+    # ~1% of a "token" batch loss with the description-heavy mix). It did not bring back the
+    # existence questions that several stage-2 runs left at the prior: 3,500 steps with
+    # independent turns scored existence loss ln 2 either way; the cause is the tied
+    # embedding table (see untie_embeddings).
     loss_weighting: str = "token"
     # lr multiplier of the projector (and image norm / position embedding) parameters
     projector_lr_scale: float = 1.0
@@ -415,6 +416,13 @@ def train_lm_text_only(model, tok, cfg: LlavaTrainConfig, *, progress: bool = Tr
             "final_loss": round(loss.item(), 4), "wall_seconds": round(wall, 1)}
 
 
+def _row_cosine(w: torch.Tensor, ids) -> float:
+    if None in ids:
+        return float("nan")
+    a, b = w.detach()[list(ids)].float()
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
 def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
     """Run (or resume) one stage; returns the final model directory."""
     import fmrt
@@ -532,6 +540,7 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
             return qa_stream(step) if step < cfg.qa_first_steps else stream(step)
     params = [p for p in model.parameters() if p.requires_grad]
     coord_ids = coord_token_ids(tok)
+    yes_no = (tok.token_to_id("yes"), tok.token_to_id("no"))
     bar = common.Progress(cfg.steps, initial=start, desc=f"llava stage {cfg.stage}") \
         if progress else None
     t0 = time.time()
@@ -558,9 +567,13 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
         if step % 50 == 0:  # grads are still in place (clipped) after the step
             pn = [p.grad.norm() for n, p in model.named_parameters()
                   if p.grad is not None and n.startswith("projector.")]
+            # yes_no_cos: the output rows of "yes" and "no"; near 1 they have merged and
+            # existence questions stay at the prior (see untie_embeddings)
             print(f"step {step} loss {loss.item():.4f} grad_norm {gnorm:.3f} projector_grad "
                   f"{float(torch.stack(pn).norm()) if pn else 0.0:.3f} image_feat_norm "
-                  f"{float(feats.detach().norm(dim=-1).mean()):.2f}", file=sys.stderr)
+                  f"{float(feats.detach().norm(dim=-1).mean()):.2f} yes_no_cos "
+                  f"{_row_cosine(model.language_model.output_weight, yes_no):.3f}",
+                  file=sys.stderr)
         last_loss = float(loss.detach())
         if bar:
             bar.update(loss=last_loss, lr=lr)
