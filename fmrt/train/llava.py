@@ -9,9 +9,12 @@ vision tower into it (frozen) and trains the projector alone on captions; ``lm_s
 (``--lm-steps``) first warms the LM up on the stage-2 text alone (``train_lm_text_only``).
 Stage 2 starts from the stage-1 model and trains projector + LM (+ with ``tune_vision``,
 Molmo-style, the vision tower at ``vision_lr_scale`` x lr) on questions, pointing and dense
-descriptions (``fmrt.data.vlm_data.STAGE2_MIX``). With ``coord_tokens`` (``--coord-tokens 64``,
-the bundled model's recipe; BENCHMARKS.md has its commands) point coordinates are single
-``<locN>`` tokens, trained against a Gaussian over neighbouring values with ``coord_sigma``.
+descriptions (``fmrt.data.vlm_data.STAGE2_MIX``). With ``coord_tokens`` (``--coord-tokens 64``)
+point coordinates are single ``<locN>`` tokens, trained against a Gaussian over neighbouring
+values with ``coord_sigma``. The bundled model (BENCHMARKS.md has its commands) also takes
+``shapes-negclip``'s tower (``vision_from``), an untied output head (``untie_embeddings``,
+without which "yes" and "no" merge and existence questions stay at chance) and independent
+turns (``independent_turns``: no question can be answered from another turn's text).
 The loss is next-token cross-entropy on the answer tokens (and ``<eot>``) only. Checkpoints are resumable (``fmrt.train.common``); the final
 model directory ``<out>/model`` is fmrt's format with the tokenizer (``<image>``/``<sep>``
 included).
