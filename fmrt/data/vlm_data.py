@@ -275,26 +275,21 @@ class InstructionStream:
             sc = self.world.sample_scene(R)
             tasks = _pick_tasks(R, sc, self.stage, self.mix, self.turns)
             scenes.append(sc)
-            qa = [(q, a) for _, q, a in tasks]
-            rows.append(encode_independent_turns(self.tok, qa, self.image_seq_length)
-                        if self.independent_turns else
-                        encode_conversation(self.tok, qa, self.image_seq_length))
+            # the same tokens either way; segment / position ids are used only when the
+            # turns are independent (encode_conversation reads them as one causal sequence)
+            rows.append(encode_independent_turns(self.tok, [(q, a) for _, q, a in tasks],
+                                                 self.image_seq_length))
             kinds.append([k for k, _, _ in tasks])
         n = max(len(r[0]) for r in rows)
-        ids = torch.full((len(rows), n), self.tok.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
-        segs = torch.full((len(rows), n), -1, dtype=torch.long)
-        pos = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r[0])] = torch.tensor(r[0])
-            labels[i, :len(r[1])] = torch.tensor(r[1])
-            if self.independent_turns:
-                segs[i, :len(r[2])] = torch.tensor(r[2])
-                pos[i, :len(r[3])] = torch.tensor(r[3])
-        out = {"images": render_batch(scenes), "input_ids": ids, "labels": labels,
-               "kinds": kinds}
+        fills = {"input_ids": self.tok.pad_token_id, "labels": IGNORE}
         if self.independent_turns:
-            out["segment_ids"], out["position_ids"] = segs, pos
+            fills.update(segment_ids=-1, position_ids=0)
+        out = {"images": render_batch(scenes), "kinds": kinds}
+        for j, (key, fill) in enumerate(fills.items()):
+            t = torch.full((len(rows), n), fill, dtype=torch.long)
+            for i, r in enumerate(rows):
+                t[i, :len(r[j])] = torch.tensor(r[j])
+            out[key] = t
         if self.patch_grid:
             out["patch_labels"] = torch.from_numpy(patch_labels(scenes, self.patch_grid))
         return out

@@ -294,7 +294,7 @@ def init_coord_embeddings(lm, ids: List[int], *, n_freq: int = 12, seed: int = 0
     directions ``u_f``, plus a little of the mean row, at the table's mean row norm. For N = 64
     and 12 frequencies, neighbours start at cosine ~0.93, values 2 apart ~0.75, 4 apart ~0.19
     and 8 or more apart <= 0, so with the tied head a near miss is a small logit error from the
-    first step."""
+    first step. An untied output head (``lm_head``) gets the same rows."""
     w = lm.embed_tokens.weight
     n = len(ids)
     g = torch.Generator().manual_seed(seed)
@@ -309,6 +309,8 @@ def init_coord_embeddings(lm, ids: List[int], *, n_freq: int = 12, seed: int = 0
     code = code / code.norm(dim=1, keepdim=True) * norm * 0.95 + rows.mean(0) * 0.05
     with torch.no_grad():
         w[ids] = code.to(w.dtype)
+        if lm.lm_head is not None:   # an untied head reads the same code
+            lm.lm_head.weight[ids] = code.to(lm.lm_head.weight.dtype)
 
 
 def _optimizer(model, cfg: LlavaTrainConfig) -> torch.optim.AdamW:
@@ -477,11 +479,6 @@ def train(cfg: LlavaTrainConfig, *, progress: bool = True) -> str:
                                   vision_feature_select_strategy=cfg.vision_select, **extra_kw)
         if cfg.coord_tokens:
             init_coord_embeddings(model.language_model, coord_token_ids(tok), seed=cfg.seed)
-            if model.language_model.lm_head is not None:   # the head reads the same code
-                with torch.no_grad():
-                    ids = coord_token_ids(tok)
-                    model.language_model.lm_head.weight[ids] = \
-                        model.language_model.embed_tokens.weight[ids]
         pre = load_vision_from_clip(model, cfg.vision_from)
         probe = InstructionStream(tok, stage=1, batch_size=64, image_size=model.image_size,
                    seed=cfg.seed + 10_000)(0)["images"]
