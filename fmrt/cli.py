@@ -37,7 +37,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
         curriculum_relation_prob=(a.curriculum_relation_prob if a.curriculum_relation_prob
                                   is not None else defaults.curriculum_relation_prob),
         hard_negative_weight=(a.hard_negative_weight if a.hard_negative_weight is not None
-                              else defaults.hard_negative_weight))
+                              else defaults.hard_negative_weight),
+        clause_sum_weight=a.clause_sum_weight or 0.0,
+        swap_twin_prob=a.swap_twin_prob or 0.0)
     out = train(cfg)
     print(json.dumps({"model_dir": out}))
     return 0
@@ -260,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip/negclip: auxiliary scene-structure loss on image embeddings")
     t.add_argument("--text-structure-weight", type=float,
                    help="clip/negclip: auxiliary caption-structure loss on text embeddings")
+    t.add_argument("--clause-sum-weight", type=float,
+                   help="clip/negclip: conjunction / relation caption embeddings must pick the "
+                        "sum of their clauses' (phrases') embeddings (binding; off by default)")
+    t.add_argument("--swap-twin-prob", type=float,
+                   help="clip/negclip: share of conjunction/relation captions given a "
+                        "colour-swapped twin image (image-side binding negatives)")
     t.add_argument("--structure-tied", action="store_true",
                    help="clip/negclip: one fixed orthonormal readout for both structure losses")
     t.add_argument("--threads", type=int)

@@ -66,6 +66,107 @@ def test_relation_curriculum_captions():
     assert any(cl.relation in ("to the right of", "below") for c in later for cl in c.clauses)
 
 
+def test_clause_sum_targets_and_loss():
+    """``clause_sum_weight``: the stream lists the clause texts of every conjunction column
+    (captions, then hard negatives), a relation caption's two phrases, and nothing for
+    one-phrase captions; the loss is lowest
+    when a caption embedding sits on its own clause sum, ln 2 for a bag-of-words embedding
+    between a caption's and its attribute swap's sums, and sends no gradient into the clause
+    embeddings (the targets)."""
+    from fmrt.data import parse_caption
+    from fmrt.data.vocab import RELATIONS
+    from fmrt.train.contrastive import clause_sum_loss
+
+    cfg = TrainConfig(family="negclip", batch_size=32, hard_negatives=2, clause_sum_weight=1.0)
+    b = ShapesCaptionStream(cfg)(0)
+    columns = b["captions"] + [n for row in b["hard_negatives"] for n in row]
+    assert len(b["clauses"]) == len(columns) == 32 * 3
+    n = {"conjunction": 0, "relation": 0}
+    for text, cl in zip(columns, b["clauses"]):
+        if not cl:   # one phrase (a template wraps only one-object captions)
+            assert " and " not in text and not any(r in text for r in RELATIONS)
+            continue
+        kind = parse_caption(text).kind
+        n[kind] += 1
+        if kind == "conjunction":   # its clauses
+            assert len(cl) >= 2 and text.replace(", ", " and ").split(" and ") == cl
+        else:                       # a relation's two phrases, around the relation words
+            rel = next(r for r in RELATIONS if f" {r} " in text)
+            assert text.split(f" {rel} ") == cl
+    assert n["conjunction"] >= 5 and n["relation"] >= 5
+
+    model = fmrt.create_model("shapes-vit-tiny").eval()
+    from fmrt.train.contrastive import build_tokenizer
+
+    tok = build_tokenizer(model.context_length)
+    # a caption, one one-clause caption (ignored) and the caption's attribute swap
+    clauses = [["a red circle", "a blue square"], [], ["a blue circle", "a red square"]]
+    with torch.no_grad():
+        def enc(texts):
+            return model.encode_text(trim_padding(tok(texts), tok.pad_token_id), normalize=True)
+        sums = torch.nn.functional.normalize(
+            torch.stack([enc(clauses[0]).sum(0), enc(clauses[2]).sum(0)]), dim=-1)
+    other = torch.nn.functional.normalize(torch.randn(model.embed_dim), dim=0)
+    own = torch.stack([sums[0], other, sums[1]]).requires_grad_(True)
+    bag = torch.nn.functional.normalize(sums.mean(0), dim=0)   # a bag-of-words reading
+    loss_own = clause_sum_loss(model, tok, own, clauses, scale=100.0)
+    loss_bag = clause_sum_loss(model, tok, torch.stack([bag, other, bag]), clauses, scale=100.0)
+    loss_swapped = clause_sum_loss(model, tok, torch.stack([sums[1], other, sums[0]]), clauses)
+    assert float(loss_own.detach()) < float(loss_bag) < float(loss_swapped)
+    assert float(loss_bag) == pytest.approx(np.log(2), abs=1e-3)   # both targets tie
+    loss_own.backward()
+    assert own.grad is not None and float(own.grad[1].abs().sum()) == 0.0   # row 1 has no clauses
+    assert all(p.grad is None for p in model.parameters())   # no gradient into the targets
+    assert float(clause_sum_loss(model, tok, own.detach(), [[], [], []])) == 0.0
+    # a sum has no order: a relation and its order swap share one target (the only one here)
+    swap = [["a red circle", "the blue square"], ["the blue square", "a red circle"]]
+    assert float(clause_sum_loss(model, tok, torch.stack([other, -other]), swap)) == 0.0
+
+
+def test_colour_swap_twins_are_image_side_binding_negatives():
+    """``swap_twin_prob``: a twin follows its original in the batch, captioned by one of the
+    original's colour-swap negatives; the twin differs only in the colours of two objects, the
+    twin's caption is false of the original image and the original caption false of the twin."""
+    from fmrt.data import ShapesWorld, is_true
+    from fmrt.train.contrastive import colour_swap_twin
+
+    cfg = TrainConfig(family="negclip", batch_size=64, hard_negatives=3, swap_twin_prob=1.0)
+    batch = ShapesCaptionStream(cfg)(0)
+    caps, pos, imgs = batch["captions"], batch["positives"], batch["images"]
+    twins = [i for i in range(1, len(caps)) if caps[i] in batch["hard_negatives"][i - 1]]
+    assert len(twins) >= 3
+    for i in twins:
+        assert pos[i, i] and pos[i - 1, i - 1] and not pos[i - 1, i] and not pos[i, i - 1]
+        assert len(batch["hard_negatives"][i]) == 3
+        changed = (imgs[i] != imgs[i - 1]).any(-1)
+        assert changed.any()
+        # same geometry: the changed pixels are object pixels in both images
+        bg = imgs[i - 1][0, 0]
+        assert not ((imgs[i - 1][changed] == bg).all(-1)).any()
+
+    world = ShapesWorld(image_size=64, seed=7)
+    R = np.random.default_rng(1)
+    made = 0
+    for _ in range(300):
+        sc = world.sample_scene(R, num_objects=3)
+        try:
+            cap = world.caption(sc, R, "conjunction")
+        except ValueError:
+            continue
+        twin = colour_swap_twin(sc, cap, R, 2)
+        if twin is None:
+            continue
+        made += 1
+        tsc, tcap, tneg = twin
+        assert [o.box for o in tsc.objects] == [o.box for o in sc.objects]
+        assert sorted(o.color for o in tsc.objects) == sorted(o.color for o in sc.objects)
+        assert sum(a.color != b.color for a, b in zip(sc.objects, tsc.objects)) == 2
+        assert is_true(tsc, tcap) and not is_true(sc, tcap, margin=0.0)
+        assert not is_true(tsc, cap, margin=0.0) and is_true(sc, cap)
+        assert len(tneg) == 2 and not any(is_true(tsc, n) for n in tneg)
+    assert made >= 20
+
+
 def test_mirror_twins_are_image_side_hard_negatives():
     from fmrt.data import ShapesWorld, is_true, parse_caption, render_batch
     from fmrt.train.contrastive import mirror_twin

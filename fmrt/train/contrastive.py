@@ -66,6 +66,19 @@ class TrainConfig:
     # hard-negative accuracy 0.872 (bundled 0.873), relation captions 0.611 (0.632).
     relation_curriculum_steps: int = 0
     curriculum_relation_prob: float = 0.5
+    # Clause-sum consistency (off by default): each conjunction caption's text embedding (the
+    # batch's captions and hard negatives) must pick the re-normalised sum of its clauses'
+    # embeddings (computed without gradient) among those of the batch (clause_sum_loss). Why: a probe of the
+    # bundled NegCLIP (benchmarks/probe_binding.py) found the image embedding does bind colour
+    # to shape - "a red circle" + "a blue square" outscores "a red square" + "a blue circle" on
+    # 0.76 of two-object images - while the two-clause caption is read as a bag of words (0.51):
+    # swapped-attribute negatives then give neither tower a gradient (both sides score them
+    # alike), and one-clause embeddings are already bound, so their sum is a bound target.
+    clause_sum_weight: float = 0.0
+    # Colour-swap twins (off by default): a conjunction / relation caption is given, with this
+    # probability, a twin scene whose two named objects trade colours, captioned by the
+    # matching attribute-swap negative (colour_swap_twin): an image-side binding negative.
+    swap_twin_prob: float = 0.0
     ckpt_every: int = 250
     threads: Optional[int] = None
     resume: bool = True
@@ -134,6 +147,17 @@ class ShapesCaptionStream:
             negs.append([str(n) for n in neg])
             neg_structs.extend(neg)
             flips.append(False)
+            if (cfg.swap_twin_prob and len(scenes) < cfg.batch_size
+                    and cap.kind in ("conjunction", "relation") and R.u() < cfg.swap_twin_prob):
+                twin = colour_swap_twin(sc, cap, R, k)
+                if twin is not None:
+                    tsc, tcap, tneg = twin
+                    scenes.append(tsc)
+                    structs.append(tcap)
+                    caps.append(str(tcap))
+                    negs.append([str(n) for n in tneg])
+                    neg_structs.extend(tneg)
+                    flips.append(False)
             if (cfg.mirror_prob and len(scenes) < cfg.batch_size and R.u() < cfg.mirror_prob
                     and cap.kind == "relation"):
                 twin = mirror_twin(sc, cap, R, k if cfg.hard_negatives else 1)
@@ -160,6 +184,8 @@ class ShapesCaptionStream:
             out["structure"] = np.stack([scene_structure(sc) for sc in scenes])
         if cfg.text_structure_weight:
             out["text_structure"] = np.stack([caption_structure(c) for c in columns])
+        if cfg.clause_sum_weight:
+            out["clauses"] = [binding_parts(c) for c in columns]
         return out
 
 
@@ -309,6 +335,43 @@ def mirror_twin(scene, caption, rng, k: int):
     return (msc, mcap, mneg) if len(mneg) == k else None
 
 
+def colour_swap_twin(scene, caption, rng, k: int):
+    """``(twin, twin_caption, k negatives)`` or None: ``twin`` is ``scene`` with the colours
+    of two objects traded so that one colour-swap hard negative of ``caption`` (two phrases of
+    different colours trade them) becomes true of the twin and ``caption`` false of it, even
+    with the relation margin at zero. Only colours are traded, so the twin has the same
+    geometry (objects, sizes, positions) and differs from the original in exactly the binding
+    that the swapped caption gets wrong. None when no such swap exists or the twin has fewer
+    than ``k`` negatives of its own."""
+    import dataclasses
+
+    from fmrt.data import as_rng, is_true
+    from fmrt.data import language as L
+
+    rng = as_rng(rng)
+    cands = [c for c in L.HARD_NEGATIVE_KINDS["swap_attributes"](caption) if c[-1] == "color"]
+    rng.shuffle(cands)
+    objs = scene.objects
+    for item in cands:
+        _, kx, px, ky, py, _ = item
+        ix = [i for i, o in enumerate(objs) if px.matches(o)]
+        iy = [i for i, o in enumerate(objs) if py.matches(o) and i not in ix]
+        if not ix or not iy:
+            continue
+        i, j = ix[rng.randint(len(ix))], iy[rng.randint(len(iy))]
+        new = list(objs)
+        new[i] = dataclasses.replace(objs[i], color=objs[j].color)
+        new[j] = dataclasses.replace(objs[j], color=objs[i].color)
+        twin = dataclasses.replace(scene, objects=new)
+        tcap = item[0](caption, *item[1:])
+        if not is_true(twin, tcap) or is_true(twin, caption, margin=0.0):
+            continue
+        tneg = L.hard_negatives(twin, tcap, rng, k)
+        if len(tneg) == k:
+            return twin, tcap, tneg
+    return None
+
+
 class StructureHeads(torch.nn.Module):
     """Auxiliary readouts from L2-normalised embeddings to the structure codes of
     :func:`scene_structure` (images) and :func:`caption_structure` (captions). Not part of the
@@ -353,6 +416,49 @@ class StructureHeads(torch.nn.Module):
     def text_loss(self, text_features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """text_features: ``T x E`` normalised; target: ``T x G x 3`` (caption_structure)."""
         return F.mse_loss(self._predict(text_features, 1), target) * 3
+
+
+def binding_parts(caption) -> List[str]:
+    """The texts whose embeddings sum to a caption's binding target (:func:`clause_sum_loss`):
+    a conjunction's clauses, a relation caption's two phrases (``"a red circle"``, ``"the blue
+    square"``), nothing for one-phrase captions. A relation's target ignores the relation (it
+    is the same for an order swap or another relation word), which the softmax over targets
+    allows: it only asks the caption to prefer its own phrases' sum over other sums."""
+    if len(caption.clauses) > 1:
+        return [cl.text for cl in caption.clauses]
+    cl = caption.clauses[0]
+    return [p.text for p in cl.phrases] if cl.relation is not None else []
+
+
+def clause_sum_loss(model, tokenizer, text_features: torch.Tensor,
+                    clauses: List[List[str]], scale: float = 100.0) -> torch.Tensor:
+    """InfoNCE of each conjunction caption against the clause sums of the batch: the rows
+    ``j`` of ``text_features`` (``T x E``, L2-normalised) whose ``clauses[j]`` lists two or more
+    clause texts are scored (``scale`` x cosine) against the distinct targets
+    ``normalize(sum_c e(c))`` of all such rows, and must pick their own. ``e(c)``, the clauses'
+    normalised embeddings, are computed without gradient (the target moves with the contrastive
+    training of one-clause captions; the caption follows it). Zero when no row has clauses.
+
+    Why a softmax and not ``1 - cos`` to the target: the clause sums of a caption and of its
+    attribute swap sit at cosine ~0.99, so a bag-of-words caption embedding already reaches
+    ``1 - cos`` = 0.025 (measured: the two-clause binding probe stayed at 0.50); the swapped
+    caption is a hard negative of the same batch, so its clause sum is among the targets and
+    only the difference between the two is rewarded."""
+    rows = [j for j, cl in enumerate(clauses) if len(cl) > 1]
+    if not rows:
+        return text_features.sum() * 0.0
+    keys = sorted({tuple(sorted(clauses[j])) for j in rows})   # a sum has no order
+    key_index = {k: i for i, k in enumerate(keys)}
+    uniq = sorted({c for k in keys for c in k})
+    index = {c: i for i, c in enumerate(uniq)}
+    with torch.no_grad():
+        e = model.encode_text(trim_padding(tokenizer(uniq), tokenizer.pad_token_id),
+                              normalize=True)
+        target = F.normalize(torch.stack([e[[index[c] for c in k]].sum(0) for k in keys]),
+                             dim=-1)
+    logits = scale * text_features[rows] @ target.t()
+    labels = torch.tensor([key_index[tuple(sorted(clauses[j]))] for j in rows])
+    return F.cross_entropy(logits, labels)
 
 
 def canonical_command(argv: List[str]) -> Optional[str]:
@@ -433,6 +539,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> str:
                 rank = fmrt.models.hard_negative_ranking_loss(img, txt, hn, scale)
                 loss = loss + cfg.hard_negative_weight * rank
                 parts = {"rank": float(rank.detach())}
+            if cfg.clause_sum_weight:
+                allt = txt if hn is None else torch.cat([txt, hn], 0)
+                cs = clause_sum_loss(model, tokenizer, allt, batch["clauses"])
+                loss = loss + cfg.clause_sum_weight * cs
+                parts["clause"] = float(cs.detach())
             if heads is not None and cfg.text_structure_weight:
                 allt = txt if hn is None else torch.cat([txt, hn], 0)
                 tst = heads.text_loss(allt, torch.from_numpy(batch["text_structure"]))
