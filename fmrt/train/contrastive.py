@@ -63,17 +63,19 @@ class TrainConfig:
     # one relation word first (role sign 1.0 on "left" captions, 0.71 on all after 300 mixed
     # steps) while every mixed-from-the-start variant stayed at 0.49-0.50. With the image tower
     # in the loop it did not help: NegCLIP 1,500 steps with 700 curriculum steps scored
-    # hard-negative accuracy 0.872 (bundled 0.873), relation captions 0.611 (0.632).
+    # hard-negative accuracy 0.872 (session-3 bundle 0.873), relation captions 0.611 (0.632).
     relation_curriculum_steps: int = 0
     curriculum_relation_prob: float = 0.5
-    # Clause-sum consistency (off by default): each conjunction caption's text embedding (the
-    # batch's captions and hard negatives) must pick the re-normalised sum of its clauses'
-    # embeddings (computed without gradient) among those of the batch (clause_sum_loss). Why: a probe of the
-    # bundled NegCLIP (benchmarks/probe_binding.py) found the image embedding does bind colour
-    # to shape - "a red circle" + "a blue square" outscores "a red square" + "a blue circle" on
-    # 0.76 of two-object images - while the two-clause caption is read as a bag of words (0.51):
-    # swapped-attribute negatives then give neither tower a gradient (both sides score them
-    # alike), and one-clause embeddings are already bound, so their sum is a bound target.
+    # Clause-sum binding loss (off by default; clause_sum_loss): each conjunction caption's
+    # text embedding (captions and hard negatives of the batch) must pick the re-normalised sum
+    # of its clauses' embeddings (computed without gradient) among the sums of the batch; a
+    # relation caption, the sum of its two phrases'. Why: a probe of the session-3 NegCLIP
+    # (benchmarks/probe_binding.py) found its image embedding binds colour to shape -
+    # "a red circle" + "a blue square" outscores "a red square" + "a blue circle" on 0.75 of
+    # two-object images - while the two-clause caption is a bag of words (0.52): attribute
+    # swaps then give neither tower a gradient (both score them alike), and one-clause
+    # embeddings are already bound, so their sum is a bound target. 1 - cos to the sum does
+    # not work (the sums of a caption and its swap sit at cosine 0.97; probe stayed 0.50).
     clause_sum_weight: float = 0.0
     # Colour-swap twins (off by default): a conjunction / relation caption is given, with this
     # probability, a twin scene whose two named objects trade colours, captioned by the
@@ -432,18 +434,19 @@ def binding_parts(caption) -> List[str]:
 
 def clause_sum_loss(model, tokenizer, text_features: torch.Tensor,
                     clauses: List[List[str]], scale: float = 100.0) -> torch.Tensor:
-    """InfoNCE of each conjunction caption against the clause sums of the batch: the rows
-    ``j`` of ``text_features`` (``T x E``, L2-normalised) whose ``clauses[j]`` lists two or more
-    clause texts are scored (``scale`` x cosine) against the distinct targets
+    """InfoNCE of each conjunction / relation caption against the clause sums of the batch:
+    the rows ``j`` of ``text_features`` (``T x E``, L2-normalised) whose ``clauses[j]`` lists
+    two or more texts (:func:`binding_parts`; order does not matter) are scored (``scale`` x cosine) against the distinct targets
     ``normalize(sum_c e(c))`` of all such rows, and must pick their own. ``e(c)``, the clauses'
     normalised embeddings, are computed without gradient (the target moves with the contrastive
     training of one-clause captions; the caption follows it). Zero when no row has clauses.
 
     Why a softmax and not ``1 - cos`` to the target: the clause sums of a caption and of its
-    attribute swap sit at cosine ~0.99, so a bag-of-words caption embedding already reaches
-    ``1 - cos`` = 0.025 (measured: the two-clause binding probe stayed at 0.50); the swapped
-    caption is a hard negative of the same batch, so its clause sum is among the targets and
-    only the difference between the two is rewarded."""
+    attribute swap sit at cosine 0.97 (mean over 500 two-object pairs, session-3 NegCLIP), so
+    a bag-of-words caption embedding already gets ``1 - cos`` near its floor (measured: 0.025
+    after 1,500 steps, binding probe still 0.50); the swapped caption is a hard negative of
+    the same batch, so its clause sum is among the targets and only the difference between
+    the two is rewarded."""
     rows = [j for j, cl in enumerate(clauses) if len(cl) > 1]
     if not rows:
         return text_features.sum() * 0.0
