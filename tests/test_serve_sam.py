@@ -190,6 +190,7 @@ def test_decoder_keeps_embedding_copies_and_revalidates(server, predictor):
     state = predictor.encode_image(img)
     before = _stats(server)["models"]["shapes-sam"]["decoder"]
     n = 12
+    t0 = time.monotonic()
     for i in range(n):
         p = [3 + 5 * i, 4 + 3 * i]
         r = post(server, "/v1/sam/predict", {"image_id": iid, "points": [p], "labels": [1]})
@@ -197,10 +198,13 @@ def test_decoder_keeps_embedding_copies_and_revalidates(server, predictor):
         m, sc, _ = predictor.predict(point_coords=[p], point_labels=[1], image_state=state)
         np.testing.assert_allclose(r.json()["scores"], sc, atol=1e-5)
         np.testing.assert_array_equal(_decode(r.json()["masks"][0]), m[0])
+    elapsed = time.monotonic() - t0
     after = _stats(server)["models"]["shapes-sam"]["decoder"]
     lookups = after["batching"]["encoder_lookups"] - before["batching"]["encoder_lookups"]
-    # one fetch, then one confirmation per REVALIDATE_S at most (12 requests take ~1 s)
-    assert 1 <= lookups <= n // 2, lookups
+    # one fetch, then one confirmation per REVALIDATE_S at most, so bounded by the loop's wall
+    # time, not by the request count (~1 s for the 12 requests on an idle box: <= 4 lookups;
+    # several seconds on a box busy with a training run)
+    assert 1 <= lookups <= 2 + int(elapsed / REVALIDATE_S), (lookups, elapsed)
     assert after["state_copies"]["entries"] >= 1
     for s in (21, 22, 23):  # the encoder cache holds 3 embeddings: iid is evicted there
         _embed(server, _scene(s))
