@@ -123,11 +123,25 @@ def test_clause_sum_targets_and_loss():
     assert float(clause_sum_loss(model, tok, torch.stack([other, -other]), swap)) == 0.0
 
 
+def _captioned_scenes(kind: str, *, world_seed: int, rng_seed: int, tries: int):
+    """``(scene, caption, rng)`` for three-object scenes that have a ``kind`` caption."""
+    from fmrt.data import ShapesWorld
+
+    world = ShapesWorld(image_size=64, seed=world_seed)
+    R = np.random.default_rng(rng_seed)
+    for _ in range(tries):
+        sc = world.sample_scene(R, num_objects=3)
+        try:
+            yield sc, world.caption(sc, R, kind), R
+        except ValueError:
+            continue
+
+
 def test_colour_swap_twins_are_image_side_binding_negatives():
     """``swap_twin_prob``: a twin follows its original in the batch, captioned by one of the
     original's colour-swap negatives; the twin differs only in the colours of two objects, the
     twin's caption is false of the original image and the original caption false of the twin."""
-    from fmrt.data import ShapesWorld, is_true
+    from fmrt.data import is_true
     from fmrt.train.contrastive import colour_swap_twin
 
     cfg = TrainConfig(family="negclip", batch_size=64, hard_negatives=3, swap_twin_prob=1.0)
@@ -144,15 +158,8 @@ def test_colour_swap_twins_are_image_side_binding_negatives():
         bg = imgs[i - 1][0, 0]
         assert not ((imgs[i - 1][changed] == bg).all(-1)).any()
 
-    world = ShapesWorld(image_size=64, seed=7)
-    R = np.random.default_rng(1)
     made = 0
-    for _ in range(300):
-        sc = world.sample_scene(R, num_objects=3)
-        try:
-            cap = world.caption(sc, R, "conjunction")
-        except ValueError:
-            continue
+    for sc, cap, R in _captioned_scenes("conjunction", world_seed=7, rng_seed=1, tries=300):
         twin = colour_swap_twin(sc, cap, R, 2)
         if twin is None:
             continue
@@ -168,7 +175,7 @@ def test_colour_swap_twins_are_image_side_binding_negatives():
 
 
 def test_mirror_twins_are_image_side_hard_negatives():
-    from fmrt.data import ShapesWorld, is_true, parse_caption, render_batch
+    from fmrt.data import is_true, parse_caption, render_batch
     from fmrt.train.contrastive import mirror_twin
 
     cfg = TrainConfig(family="negclip", batch_size=48, hard_negatives=2, mirror_prob=1.0)
@@ -184,14 +191,7 @@ def test_mirror_twins_are_image_side_hard_negatives():
         assert len(batch["hard_negatives"][i]) == 2
 
     # the mirrored scene structure agrees with its pixels: re-rendering it gives the flip
-    world = ShapesWorld(image_size=64, seed=5)
-    R = np.random.default_rng(0)
-    for _ in range(200):
-        sc = world.sample_scene(R, num_objects=3)
-        try:
-            cap = world.caption(sc, R, "relation")
-        except ValueError:
-            continue
+    for sc, cap, R in _captioned_scenes("relation", world_seed=5, rng_seed=0, tries=200):
         twin = mirror_twin(sc, cap, R, 1)
         if twin is None:
             assert "left" not in str(cap) and "right" not in str(cap)

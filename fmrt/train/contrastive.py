@@ -127,6 +127,15 @@ class ShapesCaptionStream:
         R = as_rng(np.random.default_rng([self.base_seed, cfg.seed, step]))
         k = max(1, cfg.hard_negatives)
         scenes, caps, negs, structs, neg_structs, flips = [], [], [], [], [], []
+
+        def add(scene, cap, text, neg, flip):
+            scenes.append(scene)
+            structs.append(cap)
+            caps.append(text)
+            negs.append([str(n) for n in neg])
+            neg_structs.extend(neg)
+            flips.append(flip)
+
         while len(scenes) < cfg.batch_size:
             sc = world.sample_scene(R, num_objects=1 if R.u() < cfg.single_prob else None)
             if step < cfg.relation_curriculum_steps:
@@ -143,34 +152,17 @@ class ShapesCaptionStream:
             if cap.kind == "single" and R.u() < cfg.template_prob:
                 label = text.split(" ", 1)[1]  # drop the article; the template brings its own
                 text = apply_template(TEMPLATES[R.randint(len(TEMPLATES))], label)
-            scenes.append(sc)
-            structs.append(cap)
-            caps.append(text)
-            negs.append([str(n) for n in neg])
-            neg_structs.extend(neg)
-            flips.append(False)
+            add(sc, cap, text, neg, False)
             if (cfg.swap_twin_prob and len(scenes) < cfg.batch_size
                     and cap.kind in ("conjunction", "relation") and R.u() < cfg.swap_twin_prob):
                 twin = colour_swap_twin(sc, cap, R, k)
                 if twin is not None:
-                    tsc, tcap, tneg = twin
-                    scenes.append(tsc)
-                    structs.append(tcap)
-                    caps.append(str(tcap))
-                    negs.append([str(n) for n in tneg])
-                    neg_structs.extend(tneg)
-                    flips.append(False)
+                    add(twin[0], twin[1], str(twin[1]), twin[2], False)
             if (cfg.mirror_prob and len(scenes) < cfg.batch_size and R.u() < cfg.mirror_prob
                     and cap.kind == "relation"):
                 twin = mirror_twin(sc, cap, R, k if cfg.hard_negatives else 1)
                 if twin is not None:
-                    msc, mcap, mneg = twin
-                    scenes.append(msc)
-                    structs.append(mcap)
-                    caps.append(str(mcap))
-                    negs.append([str(n) for n in mneg])
-                    neg_structs.extend(mneg)
-                    flips.append(True)
+                    add(twin[0], twin[1], str(twin[1]), twin[2], True)
         # Which captions are true of which images (a template does not change the truth). With
         # hard negatives the columns continue over them: a negative of caption j is false of
         # image j but may be true of another image of the batch.
