@@ -71,8 +71,8 @@ class TrainConfig:
     # of its clauses' embeddings (computed without gradient) among the sums of the batch; a
     # relation caption, the sum of its two phrases'. Why: a probe of the session-3 NegCLIP
     # (benchmarks/probe_binding.py) found its image embedding binds colour to shape -
-    # "a red circle" + "a blue square" outscores "a red square" + "a blue circle" on 0.75 of
-    # two-object images - while the two-clause caption is a bag of words (0.52): attribute
+    # "a red circle" + "a blue square" outscores "a red square" + "a blue circle" on 0.76 of
+    # two-object images - while the two-clause caption is a bag of words (0.51): attribute
     # swaps then give neither tower a gradient (both score them alike), and one-clause
     # embeddings are already bound, so their sum is a bound target. 1 - cos to the sum does
     # not work (the sums of a caption and its swap sit at cosine 0.97; probe stayed 0.50).

@@ -168,7 +168,7 @@ def binding_probe(rt, *, n: int = 1000, seed: int = 0, scenes=None) -> Dict[str,
     """Colour-shape binding of a CLIP-family runtime on :func:`binding_scenes`: the share of
     images on which the true binding outscores the swapped one, read three ways.
 
-    * ``clauses``: image . (t("a c0 s0") + t("a c1 s1")) against the swapped pair of
+    * ``clauses``: image . (t("a c0 s0") + t("a c1 s1")) ("an" before "orange") against the swapped pair of
       one-clause captions: does the image embedding bind, as one-clause captions read it?
     * ``caption``: t("a c0 s0 and a c1 s1") against t("a c0 s1 and a c1 s0");
     * ``relation``: the same inside a relation caption whose relation word is true of the scene
@@ -176,14 +176,14 @@ def binding_probe(rt, *, n: int = 1000, seed: int = 0, scenes=None) -> Dict[str,
     * ``text``: mean cosine of the two-clause caption with its clause sum minus that with the
       swapped clause sum (0 for a bag-of-words text tower).
     A bag-of-words model scores 0.5 on the first three."""
-    from fmrt.data.vocab import COLORS, SHAPES
+    from fmrt.data.vocab import COLORS, SHAPES, article
 
     images, meta = scenes if scenes is not None else binding_scenes(n, seed)
     e = rt.encode_image(list(images))
     y = meta[:, 4].astype(bool)
 
     def phrase(ci, si):
-        return f"a {COLORS[ci]} {SHAPES[si]}"
+        return f"{article(COLORS[ci])} {COLORS[ci]} {SHAPES[si]}"
 
     def enc(fmt):
         return rt.encode_text([fmt(*m) for m in meta])
