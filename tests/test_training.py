@@ -121,6 +121,10 @@ def test_clause_sum_targets_and_loss():
     # a sum has no order: a relation and its order swap share one target (the only one here)
     swap = [["a red circle", "the blue square"], ["the blue square", "a red circle"]]
     assert float(clause_sum_loss(model, tok, torch.stack([other, -other]), swap)) == 0.0
+    with pytest.raises(ValueError, match="clause_sum_weight"):
+        TrainConfig(family="negclip", clause_sum_weight=-1.0)
+    with pytest.raises(ValueError, match="swap_twin_prob"):
+        TrainConfig(family="negclip", swap_twin_prob=1.5)
 
 
 def _captioned_scenes(kind: str, *, world_seed: int, rng_seed: int, tries: int):

@@ -93,6 +93,10 @@ class TrainConfig:
             self.hard_negatives = 1
         if self.family not in ("clip", "negclip", "coca"):
             raise ValueError(f"unknown family {self.family!r}")
+        if self.clause_sum_weight < 0:
+            raise ValueError(f"clause_sum_weight must be >= 0, got {self.clause_sum_weight}")
+        if not 0.0 <= self.swap_twin_prob <= 1.0:
+            raise ValueError(f"swap_twin_prob must be in [0, 1], got {self.swap_twin_prob}")
 
 
 def build_tokenizer(context_length: int):
