@@ -538,13 +538,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> str:
                 rank = fmrt.models.hard_negative_ranking_loss(img, txt, hn, scale)
                 loss = loss + cfg.hard_negative_weight * rank
                 parts = {"rank": float(rank.detach())}
+            allt = txt if hn is None else torch.cat([txt, hn], 0)   # the batch's columns
             if cfg.clause_sum_weight:
-                allt = txt if hn is None else torch.cat([txt, hn], 0)
                 cs = clause_sum_loss(model, tokenizer, allt, batch["clauses"])
                 loss = loss + cfg.clause_sum_weight * cs
                 parts["clause"] = float(cs.detach())
             if heads is not None and cfg.text_structure_weight:
-                allt = txt if hn is None else torch.cat([txt, hn], 0)
                 tst = heads.text_loss(allt, torch.from_numpy(batch["text_structure"]))
                 loss = loss + cfg.text_structure_weight * tst
                 parts["tstruct"] = float(tst.detach())

@@ -62,6 +62,15 @@ def recall_at_k(scores: np.ndarray, relevant: np.ndarray, ks=(1, 5)) -> Dict[int
     return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
 
+def hard_negative_correct(rt, hn: Dict[str, Any]) -> np.ndarray:
+    """``bool [n]``: for each image of a ``hard_negative_set`` (one negative per caption), does
+    its caption score above its hard negative."""
+    ie = rt.encode_image(list(hn["images"]))
+    pos = (ie * rt.encode_text(hn["captions"])).sum(1)
+    neg = (ie * rt.encode_text([row[0] for row in hn["hard_negatives"]])).sum(1)
+    return pos > neg
+
+
 def winoground_scores(s: np.ndarray) -> Dict[str, float]:
     """s: ``P x 2 x 2`` with ``s[p, c, i]`` = score of caption c with image i (c_i true of i_i)."""
     text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
@@ -114,10 +123,7 @@ def evaluate(model: str, *, backend: str = "torch", n: int = 1000, seed: int = 0
 
     # ---- compositional: hard negatives (one per caption) and Winoground
     hn = test.hard_negative_set(n, seed=test_seed + seed, negatives_per_caption=1)
-    ie = rt.encode_image(list(hn["images"]))
-    pos = (ie * rt.encode_text(hn["captions"])).sum(1)
-    neg = (ie * rt.encode_text([row[0] for row in hn["hard_negatives"]])).sum(1)
-    correct = pos > neg
+    correct = hard_negative_correct(rt, hn)
     kinds = np.asarray(hn["kinds"])
     report["hard_negative_acc"] = float(correct.mean())
     report["hard_negative_acc_by_caption_kind"] = {
